@@ -14,10 +14,10 @@ IMPLEMENTATIONS = ("xla",)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              impl: str = "xla") -> jax.Array:
-  """Causal GQA attention; q [b, s, h, d], k/v [b, s, kv_h, d] -> [b, s, h, d]."""
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
-  if impl == "xla":
-    return xla.attention(q, k, v, causal=causal)
-  raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+                            impl: str = "xla") -> jax.Array:
+    """Causal GQA attention; q [b, s, h, d], k/v [b, s, kv_h, d] -> [b, s, h, d]."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if impl == "xla":
+        return xla.attention(q, k, v, causal=causal)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
