@@ -14,7 +14,7 @@ IMPLEMENTATIONS = ("xla",)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                            impl: str = "xla") -> jax.Array:
+              impl: str = "xla") -> jax.Array:
     """Causal GQA attention; q [b, s, h, d], k/v [b, s, kv_h, d] -> [b, s, h, d]."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
