@@ -22,9 +22,10 @@ from absl import logging
 import jax
 
 from agpt_jax.attention import blockwise
+from agpt_jax.attention import pallas
 from agpt_jax.attention import xla
 
-IMPLEMENTATIONS = ("xla", "blockwise")
+IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 CHOICES = IMPLEMENTATIONS + ("auto",)
 PLATFORMS = ("cpu", "gpu", "xpu", "tpu")
 
@@ -62,7 +63,7 @@ def default_platform() -> str:
     try:
         from agpt_jax import runtime  # pylint: disable=import-outside-toplevel
         platform = runtime.initialize().platform
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, RuntimeError) as err:
         raise ValueError(
             "attention: the platform is unknown; pass platform=Runtime.platform or call "
             f"agpt_jax.attention.set_default_platform(...) ({err})") from err
@@ -97,7 +98,7 @@ def select(impl: str, platform: str, seq_len: int) -> str:
     _check_platform(platform)
     if impl != "auto":
         return impl
-    if platform == "gpu" and "pallas" in IMPLEMENTATIONS:
+    if platform == "gpu":
         choice, reason = "pallas", "CUDA GPU: the Pallas flash kernel compiles with Triton"
     elif platform == "xpu":
         choice, reason = "blockwise", ("XPU: Pallas has no lowering for the sycl platform at "
@@ -153,4 +154,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     _check_shapes(q, k, v, impl)
     if impl == "xla":
         return xla.attention(q, k, v, causal=causal)
-    return blockwise.attention(q, k, v, causal=causal)
+    if impl == "blockwise":
+        return blockwise.attention(q, k, v, causal=causal)
+    # Triton lowers only on CUDA; elsewhere the same kernels run in interpret mode (plain HLO).
+    interpret = (platform or default_platform()) != "gpu"
+    return pallas.attention(q, k, v, causal=causal, interpret=interpret)
