@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -108,3 +119,283 @@ def test_mesh_config_rejects_non_integers():
     with pytest.raises(ValueError, match="tensor=2.0 is invalid"):
         MeshConfig(tensor=2.0)  # type: ignore[arg-type]
     assert runtime.MESH_AXES == ("data", "fsdp", "tensor")
+
+
+# --------------------------------------------------------------------------- launcher detection
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        # Aurora's mpiexec (Cray PALS): PALS ranks, PMI world size; coordinator from MASTER_*.
+        ({"PALS_RANKID": "3", "PALS_LOCAL_RANKID": "1", "PMI_RANK": "3", "PMI_SIZE": "24",
+          "MASTER_ADDR": "x4102c5s0b0n0", "MASTER_PORT": "29500"},
+         ("x4102c5s0b0n0:29500", 24, 3)),
+        # MPICH / Intel MPI Hydra.
+        ({"PMI_RANK": "1", "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": "10.0.0.7:1234"},
+         ("10.0.0.7:1234", 2, 1)),
+        # Open MPI.
+        ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "MASTER_ADDR": "head", "MASTER_PORT": "7000"},
+         ("head:7000", 8, 5)),
+        # srun: the step's task count wins over the allocation's; host from the step node list,
+        # port from the job id (61440 + 123456 % 4096 = 61440 + 576).
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "4",
+          "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "nid[001-003,007],login1"},
+         ("nid001:62016", 4, 2)),
+        # JAX_COORDINATOR_ADDRESS takes precedence over MASTER_ADDR.
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9",
+          "SLURM_JOB_NODELIST": "a1,b2", "MASTER_ADDR": "m", "MASTER_PORT": "1",
+          "JAX_COORDINATOR_ADDRESS": "c:2"},
+         ("c:2", 2, 0)),
+        # Slurm node list with MASTER_PORT but no MASTER_ADDR: host from the list.
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu-[12-13]",
+          "MASTER_PORT": "4242"},
+         ("gpu-12:4242", 2, 1)),
+    ],
+)
+def test_distributed_from_env_for_each_launcher(environ, expected):
+    cfg = runtime.distributed_from_env(environ)
+    assert cfg is not None
+    assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == expected
+    assert cfg.local_device_ids is None
+
+
+def test_distributed_from_env_pbs_nodefile(tmp_path):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("x4000c0s1b0n0.hsn.cm.aurora\nx4000c0s2b0n0.hsn.cm.aurora\n")
+    environ = {"PALS_RANKID": "1", "PMI_SIZE": "2", "PBS_NODEFILE": str(nodefile),
+               "PBS_JOBID": "4242.aurora-pbs-0001"}
+    cfg = runtime.distributed_from_env(environ)
+    assert cfg.coordinator_address == f"x4000c0s1b0n0.hsn.cm.aurora:{61440 + 4242 % 4096}"
+    assert (cfg.num_processes, cfg.process_id) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{}, {"PATH": "/usr/bin"}, {"PMI_RANK": "0", "PMI_SIZE": "1"},
+     {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}],
+)
+def test_distributed_from_env_single_process_is_none(environ):
+    assert runtime.distributed_from_env(environ) is None
+
+
+@pytest.mark.parametrize(
+    "environ, fragments",
+    [
+        ({"PMI_RANK": "0", "PMI_SIZE": "4"},
+         ["PMI launcher", "PMI_SIZE=4", "JAX_COORDINATOR_ADDRESS", "MASTER_ADDR"]),
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "h"},
+         ["Open MPI", "MASTER_PORT is not"]),
+        ({"PALS_RANKID": "0"}, ["PALS launcher", "PMI_SIZE", "num_processes"]),
+        ({"PMI_RANK": "4", "PMI_SIZE": "4"}, ["PMI_RANK=4 is not a rank in [0, PMI_SIZE=4)"]),
+        ({"PMI_RANK": "x", "PMI_SIZE": "4"}, ["PMI_RANK='x' is not an integer"]),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": "nohost"},
+         ["JAX_COORDINATOR_ADDRESS='nohost' is not of the form host:port"]),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"},
+         ["coordinator host n1", "no MASTER_PORT and no job id"]),
+    ],
+)
+def test_distributed_from_env_errors_say_what_is_missing(environ, fragments):
+    with pytest.raises(ValueError) as err:
+        runtime.distributed_from_env(environ)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_explicit_fields_are_completed_from_the_launcher():
+    env = {"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
+    partial = runtime.DistributedConfig(coordinator_address="c:9")
+    cfg = runtime._complete_distributed(partial, env)
+    assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("c:9", 2, 1)
+    # One explicit process needs nothing else.
+    assert runtime._complete_distributed(runtime.DistributedConfig(num_processes=1), {}) is None
+    with pytest.raises(ValueError, match="process_id is not given"):
+        runtime._complete_distributed(
+            runtime.DistributedConfig(coordinator_address="c:9", num_processes=2), {})
+    with pytest.raises(ValueError, match="coordinator_address is not given"):
+        runtime._complete_distributed(runtime.DistributedConfig(num_processes=2, process_id=0), {})
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"coordinator_address": "host"}, "coordinator_address='host' is not of the form"),
+        ({"num_processes": 0}, "num_processes=0"),
+        ({"num_processes": 2, "process_id": 2}, "process_id=2 must be smaller"),
+        ({"initialization_timeout_s": 0}, "initialization_timeout_s=0"),
+    ],
+)
+def test_distributed_config_validation(kwargs, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        runtime.DistributedConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- runtime in-process
+
+
+_LAUNCHER_PREFIXES = ("PALS_", "PMI_", "OMPI_", "SLURM_", "PBS_", "MASTER_", "JAX_COORDINATOR")
+
+
+def _no_launcher_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(_LAUNCHER_PREFIXES):
+            monkeypatch.delenv(name)
+
+
+def test_initialize_cpu_single_process(monkeypatch):
+    _no_launcher_env(monkeypatch)
+    rt = runtime.initialize("cpu")
+    assert rt.platform == "cpu" and rt.jax_platform == "cpu"
+    assert (rt.process_index, rt.process_count) == (0, 1)
+    assert rt.local_device_count == rt.device_count == len(jax.devices()) == 8
+    assert rt.default_attention == "xla"
+    assert rt.supports_donation and rt.supports_host_callbacks and rt.is_main_process
+    assert rt.workarounds == ()
+    assert runtime.initialize() is rt and runtime.initialize("cpu") is rt
+    assert runtime.current_runtime() is rt
+    with pytest.raises(RuntimeError, match="cannot change platform='xpu'"):
+        runtime.initialize("xpu")
+    with pytest.raises(RuntimeError, match="num_cpu_devices=2"):
+        runtime.initialize("cpu", num_cpu_devices=2)
+    with pytest.raises(ValueError, match="platform='metal' is not one of auto, xpu, cpu"):
+        runtime.initialize("metal")
+
+
+def test_sycl_donation_workaround_edits_jax_allow_list():
+    from jax._src.interpreters import mlir
+
+    before = list(mlir._platforms_with_donation)
+    try:
+        for _ in range(2):  # idempotent: "sycl" appears once
+            note = runtime._enable_sycl_donation()
+            assert note is not None and "sycl" in note
+        assert mlir._platforms_with_donation.count("sycl") == 1
+        assert set(before) <= set(mlir._platforms_with_donation)
+    finally:
+        mlir._platforms_with_donation[:] = before
+
+
+def test_check_all_reduce_over_eight_devices():
+    result = runtime.check_all_reduce()
+    assert result.ok, result.detail
+    assert "over 8 devices == 36" in result.detail  # 1 + 2 + ... + 8
+    # A reduction over fewer devices gives a different total: the check is not a constant.
+    assert "over 4 devices == 10" in runtime.check_all_reduce(jax.devices()[:4]).detail
+
+
+def test_fused_attention_detection():
+    hlo = runtime.attention_probe_hlo(seq_len=64, heads=2, head_dim=16)
+    assert "bf16" in hlo and runtime.fused_attention_targets(hlo) == []  # CPU has no fMHA
+    fused = ('%fmha = (bf16[1,8,512,64]{3,2,1,0}, u8[0]{0}) custom-call(bf16[1,8,512,64] %q), '
+             'custom_call_target="__cudnn$fmhaSoftmax", backend_config={}\n'
+             '%other = f32[2] custom-call(f32[2] %x), custom_call_target="__onednn$matmul"')
+    assert runtime.fused_attention_targets(fused) == ["__cudnn$fmhaSoftmax"]
+    rt = dataclasses.replace(runtime.initialize("cpu"), platform="cpu")
+    assert runtime.check_fused_attention(rt).detail.startswith("not applicable")
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def _child_env(devices: int, **extra: str) -> dict[str, str]:
+    """A clean environment for a child jax: no launcher variables, ``devices`` CPU devices."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_all(commands: list[tuple[list[str], dict[str, str]]], timeout: float) -> list[str]:
+    """Starts every command at once, waits for all, kills all on timeout; returns stdouts."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd, env in commands]
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert proc.returncode == 0, f"child exited {proc.returncode}:\n{out}\n{err[-4000:]}"
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"children did not finish within {timeout} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "_runtime_worker.py")
+
+
+def _assert_two_process_results(outputs: list[str]) -> None:
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    total = sum(range(1, 5))  # rows 1..4, one per device of the 2 x 2 devices
+    for pid, res in enumerate(results):
+        rt = res["runtime"]
+        assert (rt["process_index"], rt["process_count"]) == (pid, 2)
+        assert (rt["local_device_count"], rt["device_count"]) == (2, 4)
+        assert any("gloo" in w for w in rt["workarounds"])
+        assert res["psum"] == [total]
+        assert res["gathered"] == [0, 1]
+        assert all(c["ok"] for c in res["checks"]), res["checks"]
+        # data=2 x fsdp=2: each data row of the mesh is one process's devices.
+        assert res["mesh_processes"] == [[0, 0], [1, 1]]
+    assert sorted(results[0]["local_rows"] + results[1]["local_rows"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_explicit_config_psum_over_four_devices():
+    port = _free_port()
+    outputs = _run_all(
+        [([sys.executable, WORKER, "explicit", str(port), str(pid)], _child_env(2))
+         for pid in range(2)], timeout=120)
+    _assert_two_process_results(outputs)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_from_mpich_environment():
+    port = str(_free_port())
+    outputs = _run_all(
+        [([sys.executable, WORKER, "env"],
+          _child_env(2, PMI_RANK=str(pid), PMI_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port))
+         for pid in range(2)], timeout=120)
+    _assert_two_process_results(outputs)
+
+
+def test_check_command_text_and_json():
+    text, as_json = _run_all(
+        [([sys.executable, "-m", "agpt_jax.runtime", "--check"], _child_env(4)),
+         ([sys.executable, "-m", "agpt_jax.runtime", "--check", "--json", "--platform=cpu",
+           "--cpu_devices=3"], _child_env(1))], timeout=120)
+    assert "devices: 4 in this process, 4 total" in text
+    assert "check all-reduce: PASS: psum over 4 devices == 10" in text
+    assert "fused attention: PASS: not applicable" in text
+    report = json.loads(as_json.strip().splitlines()[-1])
+    assert report["ok"] and report["runtime"]["device_count"] == 3
+    assert report["versions"]["jax"] == jax.__version__
+    assert [c["name"] for c in report["checks"]] == ["devices", "all-reduce", "fused attention"]
+
+
+def test_check_command_fails_clearly_without_plugin():
+    try:
+        installed = importlib.util.find_spec("jax_plugins.intel_extension_for_openxla") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        pytest.skip("the Intel plugin is installed here")
+    proc = subprocess.run([sys.executable, "-m", "agpt_jax.runtime", "--check", "--platform=xpu"],
+                          env=_child_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "intel-extension-for-openxla" in proc.stdout and "not installed" in proc.stdout
