@@ -1,0 +1,60 @@
+"""DATA_FILE_LIST parsing (spec §5.1) and blendcorpus mixing (§5.2)."""
+
+import numpy as np
+import pytest
+
+from agpt_jax.data.file_list import mix_file_lists, read_file_list
+from agpt_jax.data.indexed import DataError, write_indexed_dataset
+
+
+def test_parse_strips_bin_and_resolves_relative(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_indexed_dataset(str(tmp_path / "d" / "a_text_document"), [[1, 2]], np.uint16)
+    write_indexed_dataset(str(tmp_path / "b"), [[3]], np.uint16)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"0.25 d/a_text_document.bin web\n\n# replay\n0.75 {tmp_path / 'b'} papers\n")
+    entries = read_file_list(str(lst))
+    assert [(e.weight, e.prefix, e.corpus, e.line) for e in entries] == [
+        (0.25, str(tmp_path / "d" / "a_text_document"), "web", 1),
+        (0.75, str(tmp_path / "b"), "papers", 4),
+    ]
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    write_indexed_dataset(str(tmp_path / "ok"), [[1, 2]], np.uint16)
+    lst = tmp_path / "list.txt"
+    lst.write_text("1.0 ok web\n0 ok web\nabc ok web\n1.0 missing web\n1.0 ok\n-2 ok web\n")
+    with pytest.raises(DataError) as err:
+        read_file_list(str(lst))
+    msg = str(err.value)
+    assert "5 problem(s)" in msg
+    for needle in ("line 2: weight 0", "line 3: weight 'abc'", "line 4: missing", "line 5: expected 3 fields",
+                   "line 6: weight -2"):
+        assert needle in msg
+    assert str(lst) in msg
+
+
+def test_missing_list():
+    with pytest.raises(DataError, match="does not exist"):
+        read_file_list("/nonexistent/list.txt")
+
+
+def test_mix_follows_blendcorpus_formula(tmp_path):
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.txt"
+    a.write_text("2 /x/p1 papers\n# c\n6 /x/p2 papers\n")
+    b.write_text("1 /y/d1 dolma\n1 /y/d2 dolma\n2 /y/d3 dolma\n")
+    lines = mix_file_lists([(0.9, str(a)), (0.1, str(b))])
+    got = [(m.prefix, m.corpus, m.weight) for m in lines]
+    expect = [("/x/p1", "papers", 0.25 * 0.9), ("/x/p2", "papers", 0.75 * 0.9),
+              ("/y/d1", "dolma", 0.25 * 0.1), ("/y/d2", "dolma", 0.25 * 0.1), ("/y/d3", "dolma", 0.5 * 0.1)]
+    for (p, c, w), (ep, ec, ew) in zip(got, expect):
+        assert (p, c) == (ep, ec) and w == pytest.approx(ew, rel=1e-15)
+    assert sum(m.weight for m in lines) == pytest.approx(1.0)
+
+
+def test_mix_rejects_nonpositive_global_weight(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("1 /x/p papers\n")
+    with pytest.raises(DataError, match="must be positive"):
+        mix_file_lists([(0.0, str(a))])
