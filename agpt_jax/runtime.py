@@ -436,7 +436,8 @@ def _complete_distributed(
         return distributed_from_env(environ)
     cfg = explicit
     if not cfg.complete:
-        ranks = _detect_launcher(environ)
+        needs_ranks = cfg.num_processes is None or cfg.process_id is None
+        ranks = _detect_launcher(environ) if needs_ranks else None
         updates: dict[str, object] = {}
         if cfg.num_processes is None and ranks is not None:
             updates["num_processes"] = ranks.size
@@ -522,7 +523,6 @@ _XPU_PLUGIN_MODULE = "jax_plugins.intel_extension_for_openxla"
 _XPU_PLUGIN_DIST = "intel-extension-for-openxla"
 
 _runtime: Runtime | None = None
-_requested: tuple[str, DistributedConfig | None, int | None] | None = None
 
 
 def _backends_started() -> bool:
@@ -603,7 +603,7 @@ def initialize(
         ValueError: bad arguments or launcher environment (message names the fix).
         RuntimeError: jax was already started in a way these arguments cannot change.
     """
-    global _runtime, _requested
+    global _runtime
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r} is not one of {', '.join(PLATFORMS)}")
     if num_cpu_devices is not None and num_cpu_devices < 1:
@@ -697,7 +697,6 @@ def initialize(
         device_kind=local[0].device_kind,
         jax_platform=jax_platform,
     )
-    _requested = (platform, resolved, num_cpu_devices)
     for line in workarounds:
         logging.info("runtime work-around: %s", line)
     logging.info("runtime: %s", _runtime.describe())
