@@ -1,0 +1,109 @@
+"""Print how a DATA_FILE_LIST blends, and optionally dump or decode the first training batches.
+
+    python scripts/inspect_data.py --data-file-list mix.txt --seq-length 4096 --global-batch-size 3072 \\
+        --train-iters 874 --split 990,10,0 --shuffle-sample-in-corpus --dump 2 --out batches.npz
+
+Flags and defaults are Megatron's. The blend is built exactly as training builds it (same cache).
+`--dump K --out F` writes `tokens` int64[K*B, S+1] (row r of iteration t at t*B+r) and `corpus`
+int64[K*B] (index into the corpora in sorted-name order, also saved as `corpora`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from agpt_jax.data.blend import BlendConfig, build_blended_splits, split_num_samples
+from agpt_jax.data.file_list import read_file_list
+from agpt_jax.data.indexed import DataError
+from agpt_jax.data.pipeline import read_global_batch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-file-list", required=True)
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--global-batch-size", type=int, required=True)
+    p.add_argument("--train-iters", type=int, required=True)
+    p.add_argument("--eval-interval", type=int, default=1000)
+    p.add_argument("--eval-iters", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--split", default="969, 30, 1")
+    p.add_argument("--shuffle-sample-in-corpus", action="store_true")
+    p.add_argument("--blend-sample-in-corpus", action="store_true")
+    p.add_argument("--data-cache-path", default=None, help="index cache folder (default: no cache)")
+    p.add_argument("--dump", type=int, default=0, metavar="K", help="first K global training batches")
+    p.add_argument("--out", default=None, help="npz file for --dump")
+    p.add_argument("--decode", default=None, metavar="TOKENIZER", help="print dumped rows as text")
+    p.add_argument("--tokenizer-type", default=None, help="for --decode; default: by file name")
+    return p.parse_args(argv)
+
+
+def describe(splits: dict, entries, cfg: BlendConfig) -> str:
+    """The blend as text: per-file documents/tokens/epochs/samples, per-corpus samples and share."""
+    lines = []
+    targets = dict(zip(("train", "valid", "test"), split_num_samples(cfg)))
+    lines.append(f"{len(entries)} files, corpora: {', '.join(sorted({e.corpus for e in entries}))}")
+    for name, ds in splits.items():
+        lines.append(f"\n[{name}] {len(ds)} samples (target {targets[name]}), "
+                     f"{len(ds) // cfg.global_batch_size} global batches of {cfg.global_batch_size}")
+        lines.append(f"  {'file':<48} {'corpus':<14} {'docs':>9} {'tokens':>13} {'epochs':>6} {'samples':>10}")
+        for c in ds.corpus_datasets:
+            for f, n in zip(c.files, c.file_num_samples):
+                prefix = f.dataset.prefix if len(f.dataset.prefix) <= 48 else "..." + f.dataset.prefix[-45:]
+                lines.append(f"  {prefix:<48} {c.name:<14} {len(f.documents):>9} "
+                             f"{f.index.tokens_per_epoch:>13} {f.index.num_epochs:>6} {int(n):>10}")
+        used = np.bincount(ds.dataset_index, minlength=len(ds.corpora))
+        lines.append(f"  {'corpus':<14} {'samples':>10} {'share':>8} {'weight':>8}")
+        for cid, c in enumerate(ds.corpus_datasets):
+            lines.append(f"  {c.name:<14} {int(used[cid]):>10} {used[cid] / len(ds):>8.4f} {ds.weights[cid]:>8.4f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    entries = read_file_list(args.data_file_list)
+    cfg = BlendConfig(seq_length=args.seq_length, global_batch_size=args.global_batch_size,
+                      train_iters=args.train_iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                      seed=args.seed, split=args.split, shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
+                      blend_sample_in_corpus=args.blend_sample_in_corpus, cache_dir=args.data_cache_path)
+    splits = build_blended_splits(entries, cfg)
+    print(describe(splits, entries, cfg))
+    if not args.dump:
+        return
+    if "train" not in splits:
+        raise DataError("--dump needs a train split (its --split part is 0)")
+    train = splits["train"]
+    k = args.dump
+    if k * cfg.global_batch_size > len(train):
+        raise DataError(f"--dump {k}: the train blend holds only {len(train) // cfg.global_batch_size} batches")
+    batches = [read_global_batch(train, t, cfg.global_batch_size) for t in range(k)]
+    tokens = np.concatenate([b["text"] for b in batches]).astype(np.int64)
+    corpus = np.concatenate([b["corpus"] for b in batches]).astype(np.int64)
+    if args.out:
+        np.savez(args.out, tokens=tokens, corpus=corpus, corpora=np.array(train.corpora))
+        print(f"\nwrote {args.out}: tokens {tokens.shape} int64, corpus {corpus.shape}")
+    if args.decode:
+        from agpt_jax.data.tokenizer import load_tokenizer
+
+        kind = args.tokenizer_type or ("HFTokenizer" if args.decode.endswith(".json") else "Llama2Tokenizer")
+        tok = load_tokenizer(kind, args.decode)
+        for row in range(tokens.shape[0]):
+            t, r = divmod(row, cfg.global_batch_size)
+            print(f"\n--- iteration {t} row {r} [{train.corpora[corpus[row]]}] ---")
+            print(tok.detokenize(tokens[row]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
