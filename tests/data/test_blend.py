@@ -151,3 +151,18 @@ def test_empty_split_is_a_clear_error(tmp_path):
     cfg = BlendConfig(seq_length=8, global_batch_size=2, train_iters=5, eval_iters=1, split="990,10,0")
     with pytest.raises(DataError, match=r"line 3: .*f has 50 documents.*0 documents to the valid split"):
         build_blended_splits(entries, cfg)
+
+
+def test_shared_cache_never_mixes_concat_and_blend_modes(tmp_path):
+    # The fork keys its corpus cache on (corpus, n_c) only, so a blend run could reuse a concat
+    # index (spec §8). Here both modes share one cache folder and each still matches its reference.
+    files = _make_files(tmp_path, [("x0", 40, 20, np.uint16), ("x1", 40, 20, np.uint16)], seed=9)
+    entries = [FileListEntry(0.6, str(tmp_path / "x0"), "web", 1), FileListEntry(0.4, str(tmp_path / "x1"), "web", 2)]
+    docs = {str(tmp_path / k): v for k, v in files.items()}
+    for blend in (False, True, False):
+        cfg = BlendConfig(seq_length=8, global_batch_size=4, train_iters=10, eval_iters=0, split="1",
+                          blend_sample_in_corpus=blend, cache_dir=str(tmp_path / "shared"))
+        ds = build_blended_splits(entries, cfg)["train"]
+        size, _, sample = reference_blend(entries, docs, cfg, 0)
+        for i in range(size):
+            np.testing.assert_array_equal(ds[i][0], sample(i)[0])
