@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 
 import numpy as np
 from absl import logging
