@@ -1,0 +1,318 @@
+"""agpt-jax Orbax checkpoint -> DeepSpeed universal checkpoint that Megatron-DeepSpeed loads.
+
+    python -m converters.orbax_to_universal --load SRC --save DST
+
+SRC is a converted checkpoint or a training run (newest finalized step, see
+`agpt_jax.init_checkpoint.resolve_checkpoint_dir`). DST becomes a Megatron `--load` root:
+
+    DST/latest_universal                                   "global_stepN_universal"
+    DST/global_stepN_universal/mp_rank_00_model_states.pt  args (Namespace), iteration,
+                                                           checkpoint_version, universal_checkpoint_info,
+                                                           module, DeepSpeed keys
+    DST/global_stepN_universal/zero/optimizer_state.pt     param_groups, ds_version, clip_grad, ...
+    DST/global_stepN_universal/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt   {'param', 'cat_dim',
+                                                           ['param_n_sub_params'], ['vocab_tensor']}
+    DST/global_stepN_universal/zero/<param>/step.pt        0-d float32 tensor
+
+with the dict keys and flags ds_to_universal.py writes (spec §3.4-3.5, §7), so DeepSpeed's
+`load_hp_checkpoint_state` reads it: vocabulary tensors keep only the original vocabulary rows
+(DeepSpeed pads them back with zeros), dense_h_to_4h is marked `param_n_sub_params=2`, `cat_dim` is 0.
+
+What cannot be carried through JSON metadata is left out, and DeepSpeed/Megatron fall back as
+follows: the DeepSpeed loss-scaler object (`_load_global_state` keeps its live scaler when the key
+is absent) and Megatron's `rng_state` (load with `--finetune`, the CPT recipe, or `--no-load-rng`).
+Megatron enums inside `args` (model_type) are dropped from the Namespace; `check_checkpoint_args`
+does not read them. Every tensor file loads with `torch.load(weights_only=True)`, and so does
+`zero/optimizer_state.pt` (DeepSpeed's own does not, because of the loss scaler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+from agpt_jax import init_checkpoint as ic
+from agpt_jax.model import GPTConfig
+from converters import megatron_layout as ml
+from converters import universal as uv
+from converters import run_cli, write_atomically
+
+# ds_version written when the source never came from DeepSpeed (the version of spec §7).
+DEFAULT_DS_VERSION = "0.16.9"
+CHECKPOINT_VERSION = 3.0
+
+TensorSource = Callable[[ml.MegatronTensor, str], np.ndarray]
+
+
+@dataclasses.dataclass
+class UniversalContents:
+    """Everything of a universal checkpoint except the tensors.
+
+    Attributes:
+        config: the model.
+        scheme: parameter naming scheme.
+        iteration: Megatron iteration (names the folder global_step{iteration}_universal).
+        step: Adam step written to every step.pt.
+        param_groups: optimizer param groups (lr, betas, eps, weight_decay, ...).
+        args: Megatron args (JSON-safe values; foreign objects are dropped).
+        checkpoint_version: Megatron's checkpoint_version.
+        universal_info: universal_checkpoint_info.
+        zero_optimizer_state: other keys of zero/optimizer_state.pt (ds_version, clip_grad, ...).
+        model_states: other top-level keys of mp_rank_00_model_states.pt (DeepSpeed's).
+    """
+
+    config: GPTConfig
+    scheme: ml.NameScheme
+    iteration: int
+    step: float
+    param_groups: list[dict[str, Any]]
+    args: dict[str, Any]
+    checkpoint_version: Any = CHECKPOINT_VERSION
+    universal_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    zero_optimizer_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_states: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _is_foreign(value: Any) -> bool:
+    return isinstance(value, Mapping) and "pickled_class" in value
+
+
+def _torch_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON param groups back to torch's form: betas is a tuple."""
+    out = []
+    for g in groups:
+        g = {k: v for k, v in g.items() if not _is_foreign(v)}
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        out.append(g)
+    return out
+
+
+def default_universal_info(config: GPTConfig, scheme: ml.NameScheme) -> dict[str, Any]:
+    """universal_checkpoint_info as Megatron-DeepSpeed's GPT model builds it (TP=1, spec §3.2)."""
+    if scheme is ml.NameScheme.MODULE:
+        vocab = ["language_model.embedding.word_embeddings.weight",
+                 "language_model.output_layer.weight"]
+        sub2 = [r"language_model.encoder.layers.\d+.mlp.dense_h_to_4h.weight"]
+    else:
+        vocab = [r"\d+.word_embeddings.weight", r"\d+.lm_head.weight"]
+        sub2 = [r"\d+.mlp.dense_h_to_4h.weight"]
+    return {"universal_checkpoint_version": 0.2, "original_vocab_size": config.vocab_size,
+            "padded_vocab_size": config.padded_vocab_size,
+            "vocabulary_parameter_patterns": vocab,
+            "parameter_with_2_sub_params_cat_dim_0": sub2}
+
+
+def _param_shapes(config: GPTConfig, tensors: list[ml.MegatronTensor]) -> list[Any]:
+    """DeepSpeed's param_shapes: per param group, name -> torch.Size (Megatron's group order:
+    weight-decayed 2-D weights first, then the 1-D norms, spec §2.4)."""
+    import torch
+
+    decayed = collections.OrderedDict((t.name, torch.Size(t.shape)) for t in tensors
+                                      if len(t.shape) == 2)
+    plain = collections.OrderedDict((t.name, torch.Size(t.shape)) for t in tensors
+                                    if len(t.shape) == 1)
+    return [decayed, plain]
+
+
+def _state_dict_for(t: ml.MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[str, Any]:
+    """One {fp32,exp_avg,exp_avg_sq}.pt dict with ds_to_universal's keys and flags."""
+    import torch
+
+    if tuple(w.shape) != t.shape:
+        raise ValueError(f"{t.name}: shape {w.shape}, expected {t.shape}")
+    if t.is_vocab:
+        w = w[: config.vocab_size]  # ds_to_universal keeps original_vocab_size rows (spec §3.4)
+    out: dict[str, Any] = {"param": torch.from_numpy(np.ascontiguousarray(w, np.float32)),
+                           "cat_dim": 0}
+    if t.n_sub_params == 2:
+        out["param_n_sub_params"] = 2
+    if t.is_vocab:
+        out["vocab_tensor"] = True
+    return out
+
+
+def _module_tree(folder: str, tensors: list[ml.MegatronTensor], config: GPTConfig) -> dict:
+    """Megatron's nested `module` state dict (non-pipeline, spec §3.2), read back memory-mapped
+    from the fp32.pt files just written, vocabulary tensors padded to V_pad with zero rows."""
+    import torch
+
+    lm: dict[str, Any] = {"embedding": {"word_embeddings": {}}, "encoder": {},
+                          "output_layer": {}}
+    for t in tensors:
+        p = torch.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"), weights_only=True,
+                       mmap=True)["param"]
+        if t.is_vocab:
+            p = torch.cat([p, p.new_zeros(config.padded_vocab_size - p.shape[0], p.shape[1])])
+        if t.kind is ml.Kind.EMBEDDING:
+            lm["embedding"]["word_embeddings"]["weight"] = p
+        elif t.kind is ml.Kind.OUTPUT:
+            lm["output_layer"]["weight"] = p
+        else:
+            lm["encoder"][t.name[len("language_model.encoder."):]] = p
+    return {"language_model": lm}
+
+
+def _write_pipeline_layers(folder: str, tensors: list[ml.MegatronTensor],
+                           config: GPTConfig) -> None:
+    """DeepSpeed PipelineModule's per-layer files `layer_{idx:02d}-model_00-model_states.pt`."""
+    import torch
+
+    by_layer: dict[int, dict[str, Any]] = collections.defaultdict(collections.OrderedDict)
+    for t in tensors:
+        idx, local = t.name.split(".", 1)
+        p = torch.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"), weights_only=True,
+                       mmap=True)["param"]
+        if t.is_vocab:
+            p = torch.cat([p, p.new_zeros(config.padded_vocab_size - p.shape[0], p.shape[1])])
+        by_layer[int(idx)][local] = p
+    for idx, sd in by_layer.items():
+        torch.save(sd, os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt"))
+
+
+def write_universal(root: str, contents: UniversalContents, source: TensorSource,
+                    progress: bool = False) -> str:
+    """Write a universal checkpoint under an existing `root` (Megatron's --load root).
+
+    Args:
+        root: folder that receives `latest_universal` and `global_stepN_universal/`.
+        contents: scalars and metadata.
+        source: `source(tensor, state)` -> the full Megatron tensor (vocab tensors with V_pad
+            rows), float32, for state in fp32 / exp_avg / exp_avg_sq; called one at a time.
+        progress: tqdm bar over tensors.
+
+    Returns:
+        The global_stepN_universal folder.
+    """
+    import torch
+    from tqdm import tqdm
+
+    cfg = contents.config
+    tag = f"global_step{contents.iteration}_universal"
+    folder = os.path.join(root, tag)
+    zero = os.path.join(folder, uv.ZERO)
+    os.makedirs(zero)
+    tensors = ml.megatron_tensors(cfg, contents.scheme)
+    step = torch.tensor(float(contents.step), dtype=torch.float32)
+    for t in tqdm(tensors, desc="orbax->universal", unit="tensor",
+                  disable=None if progress else True):
+        pdir = os.path.join(zero, t.name)
+        os.makedirs(pdir)
+        for state in uv.STATE_FILES:
+            torch.save(_state_dict_for(t, source(t, state), cfg), os.path.join(pdir, f"{state}.pt"))
+        torch.save(step.clone(), os.path.join(pdir, "step.pt"))
+
+    opt: dict[str, Any] = {k: v for k, v in contents.zero_optimizer_state.items()
+                           if not _is_foreign(v)}
+    opt.setdefault("ds_version", DEFAULT_DS_VERSION)  # DeepSpeed asserts it is present
+    opt["param_groups"] = _torch_param_groups(contents.param_groups)
+    torch.save(opt, os.path.join(zero, uv.OPTIMIZER_STATE))
+
+    args = argparse.Namespace(**{k: v for k, v in contents.args.items() if not _is_foreign(v)})
+    info = dict(contents.universal_info) or default_universal_info(cfg, contents.scheme)
+    states: dict[str, Any] = {}
+    for key, value in contents.model_states.items():
+        if not _is_foreign(value):
+            states[key] = value
+    states["param_shapes"] = _param_shapes(cfg, tensors)
+    states.setdefault("ds_version", opt["ds_version"])
+    for key, default in (("buffer_names", []), ("optimizer", None), ("frozen_param_shapes", None),
+                         ("shared_params", {}), ("frozen_param_fragments", None),
+                         ("skipped_steps", 0), ("global_steps", contents.iteration),
+                         ("dp_world_size", 1), ("mp_world_size", 1)):
+        states.setdefault(key, default)
+    states.update({
+        "args": args,
+        "checkpoint_version": contents.checkpoint_version,
+        "iteration": contents.iteration,
+        "universal_checkpoint_info": info,
+    })
+    if contents.scheme is ml.NameScheme.MODULE:
+        states["module"] = _module_tree(folder, tensors, cfg)
+    else:
+        states["module"] = None
+        _write_pipeline_layers(folder, tensors, cfg)
+    torch.save(states, os.path.join(folder, uv.MODEL_STATES))
+    with open(os.path.join(root, uv.LATEST_UNIVERSAL), "w") as f:
+        f.write(tag)
+    return folder
+
+
+def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
+                           step: float) -> UniversalContents:
+    """UniversalContents from agpt-jax metadata (what universal_to_orbax recorded)."""
+    scheme = ml.NameScheme(meta.get("name_scheme", ml.NameScheme.MODULE.value))
+    args = dict(meta.get("megatron_args") or {})
+    groups = meta.get("param_groups")
+    if not groups:
+        raise uv.UniversalCheckpointError(
+            "checkpoint metadata has no 'param_groups'; DeepSpeed needs them in "
+            "zero/optimizer_state.pt (the training driver must record its optimizer's groups)")
+    iteration = int(meta.get("iteration") or 0)
+    return UniversalContents(
+        config=config, scheme=scheme, iteration=iteration, step=step,
+        param_groups=list(groups), args=args,
+        checkpoint_version=meta.get("checkpoint_version", CHECKPOINT_VERSION),
+        universal_info=dict(meta.get("universal_checkpoint_info") or {}),
+        zero_optimizer_state=dict(meta.get("zero_optimizer_state") or {}),
+        model_states=dict(meta.get("megatron_model_states") or {}))
+
+
+def convert(src: str, dst: str, progress: bool = True) -> str:
+    """Convert an agpt-jax checkpoint (or a run's newest step) to a universal --load root."""
+    directory = ic.resolve_checkpoint_dir(src)
+    meta = ic.read_metadata(directory)
+    config = ic.model_config(directory)
+    params = ic.PyTreeItemReader(os.path.join(directory, ic.ITEM_PARAMS))
+    adam = ic.PyTreeItemReader(os.path.join(directory, ic.ITEM_ADAM)) if ic.has_adam(
+        directory) else None
+    shapes = ml.flax_shapes(config)
+    for path, shape in shapes.items():
+        if path not in params.paths:
+            raise ic.CheckpointError(f"{params.item_dir}: no leaf {ic.leaf_key(path)!r}")
+        if params.shape(path) != shape:
+            raise ic.CheckpointError(f"{params.item_dir}: leaf {ic.leaf_key(path)!r} has shape "
+                                     f"{params.shape(path)}, the metadata's model needs {shape}")
+    if adam is None:
+        # A fresh torch Adam: zero moments and step 0 give the same first update.
+        logging.warning("%s has no optimizer state; writing zero moments and step 0", directory)
+        step = 0.0
+    else:
+        count = adam.read(("count",))
+        step = float(count)
+    contents = contents_from_metadata(meta, config, step)
+
+    def source(t: ml.MegatronTensor, state: str) -> np.ndarray:
+        if state != "fp32" and adam is None:
+            return np.zeros(t.shape, np.float32)
+        reader, prefix = (params, ()) if state == "fp32" else (
+            adam, ("mu",) if state == "exp_avg" else ("nu",))
+        parts = {}
+        for path in ml.flax_paths_of(t.kind):
+            index = t.layer if ml.is_stacked(path) else None
+            parts[path] = reader.read(prefix + path, index).astype(np.float32, copy=False)
+        return ml.from_flax(t, parts, config)
+
+    write_atomically(dst, lambda tmp: write_universal(tmp, contents, source, progress))
+    return os.path.abspath(dst)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (1 on error)."""
+    parser = argparse.ArgumentParser(prog="python -m converters.orbax_to_universal",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="agpt-jax checkpoint or run --save root")
+    parser.add_argument("--save", required=True, help="universal --load root to create")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: convert(args.load, args.save), args.debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

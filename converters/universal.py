@@ -1,0 +1,548 @@
+"""Read DeepSpeed universal checkpoints (ds_to_universal.py output) without megatron or deepspeed.
+
+Layout (spec §3.5):
+
+    <root>/latest_universal                         text: "global_stepN_universal"
+    <root>/global_stepN_universal/mp_rank_00_model_states.pt   args, iteration, checkpoint_version,
+                                                    universal_checkpoint_info, module, ...
+    <root>/global_stepN_universal/zero/optimizer_state.pt      param_groups, loss scaler, ...
+    <root>/global_stepN_universal/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt
+        {'param': fp32 tensor, 'cat_dim': 0|1, ['param_n_sub_params': 2], ['vocab_tensor': True]}
+    <root>/global_stepN_universal/zero/<param>/step.pt         a bare (0-d float32) tensor
+
+Tensor files are read with `torch.load(weights_only=True)`. The two files that pickle Megatron
+and DeepSpeed objects (an argparse Namespace holding Megatron enums, DeepSpeed loss scalers) are
+read with a restricted unpickler: a short allow-list of data types (containers, tensors, numpy
+arrays, argparse.Namespace) is rebuilt, every other class or callable becomes an inert
+`PickledObject` record, so no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import os
+import pickle
+import re
+import types
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+from agpt_jax.model import GPTConfig, vocab_size_with_padding
+from converters import megatron_layout as ml
+
+LATEST_UNIVERSAL = "latest_universal"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO = "zero"
+OPTIMIZER_STATE = "optimizer_state.pt"
+STATE_FILES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+class UniversalCheckpointError(ValueError):
+    """A universal checkpoint is missing, malformed or does not match the expected model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted unpickling.
+
+
+class PickledObject:
+    """An inert stand-in for a pickled object whose class is not on the allow-list.
+
+    Attributes:
+        pickled_class: "module.QualName" of the original class or callable.
+        args: arguments the pickle would have called it with (REDUCE / NEWOBJ).
+        state: the state the pickle would have set (BUILD), usually the object's __dict__.
+    """
+
+    pickled_class = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.kwargs = kwargs
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"PickledObject({self.pickled_class}, args={self.args!r}, state={self.state!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe description: class name, args and state."""
+        out: dict[str, Any] = {"pickled_class": self.pickled_class}
+        if self.args:
+            out["args"] = to_jsonable(list(self.args))
+        if self.state is not None:
+            out["state"] = to_jsonable(self.state)
+        return out
+
+
+_STANDINS: dict[str, type] = {}
+
+
+def _standin(module: str, name: str) -> type:
+    key = f"{module}.{name}"
+    if key not in _STANDINS:
+        _STANDINS[key] = type(name, (PickledObject,), {"pickled_class": key,
+                                                       "__module__": __name__})
+    return _STANDINS[key]
+
+
+def _safe_globals() -> dict[tuple[str, str], Any]:
+    """The allow-list: data types only, nothing that runs user code or touches the system."""
+    import _codecs
+
+    import torch
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("argparse", "Namespace"): argparse.Namespace,
+        ("_codecs", "encode"): _codecs.encode,  # numpy arrays under pickle protocol 2
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch.storage", "UntypedStorage"): torch.storage.UntypedStorage,
+        ("torch", "UntypedStorage"): torch.UntypedStorage,
+    }
+    for name in ("set", "frozenset", "complex", "slice", "range", "bytearray", "tuple", "list",
+                 "dict", "int", "float", "str", "bool", "bytes"):
+        allowed[("builtins", name)] = getattr(__import__("builtins"), name)
+    for attr in dir(torch):
+        value = getattr(torch, attr, None)
+        if isinstance(value, torch.dtype) or (attr.endswith("Storage") and isinstance(value, type)):
+            allowed[("torch", attr)] = value
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = np.core.multiarray._reconstruct
+        allowed[(mod, "scalar")] = np.core.multiarray.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    for attr in dir(np.dtypes):
+        if attr.endswith("DType"):
+            allowed[("numpy.dtypes", attr)] = getattr(np.dtypes, attr)
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only allow-listed globals; the rest become PickledObject."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if RestrictedUnpickler._allowed is None:
+            RestrictedUnpickler._allowed = _safe_globals()
+        found = RestrictedUnpickler._allowed.get((module, name))
+        if found is not None:
+            return found
+        return _standin(module, name)
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    mod = types.ModuleType("agpt_restricted_pickle")
+    mod.Unpickler = RestrictedUnpickler
+
+    def load(file, **kwargs):
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    mod.load = load
+    mod.__name__ = "agpt_restricted_pickle"
+    return mod
+
+
+def load_restricted(path: str) -> Any:
+    """torch.load a file that pickles foreign objects, without importing or running them.
+
+    Tensors come back as torch tensors (memory-mapped when the file format allows), argparse
+    Namespaces as Namespaces, anything else not on the allow-list as inert `PickledObject`s.
+    """
+    import torch
+
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True,
+                          pickle_module=_restricted_pickle_module())
+    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, zip errors...
+        raise UniversalCheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or not a "
+            "torch.save file: copy it again or re-run ds_to_universal.py") from None
+
+
+def load_tensor_file(path: str) -> Any:
+    """torch.load(weights_only=True) a tensor file (fp32.pt, exp_avg.pt, step.pt...)."""
+    import torch
+
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UniversalCheckpointError(
+            f"{path}: cannot be read with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the file is truncated or not a "
+            "DeepSpeed universal tensor file: copy it again or re-run ds_to_universal.py") from None
+
+
+def _check_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise UniversalCheckpointError(f"{path}: missing")
+
+
+def to_jsonable(value: Any) -> Any:
+    """A JSON-safe copy of a pickled value (enums and foreign objects by name, tensors by shape)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, PickledObject):
+        return value.to_json()
+    if isinstance(value, argparse.Namespace):
+        return {k: to_jsonable(v) for k, v in sorted(vars(value).items())}
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 1:
+                return to_jsonable(value.item())
+            return {"tensor": list(value.shape), "dtype": str(value.dtype)}
+        if isinstance(value, torch.dtype):
+            return str(value)
+    except ImportError:
+        pass
+    if isinstance(value, np.ndarray):
+        return {"ndarray": list(value.shape), "dtype": str(value.dtype)}
+    return repr(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating the checkpoint.
+
+
+def resolve_universal_dir(path: str) -> str:
+    """The `global_stepN_universal` folder for a `--load` root or the folder itself.
+
+    Megatron reads `<load>/latest_universal` for the tag when `--universal-checkpoint` is given
+    and fails when it is missing (spec §2.6); the same here.
+
+    Raises:
+        UniversalCheckpointError: not a universal checkpoint, with what it looks like instead.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise UniversalCheckpointError(f"{path}: no such directory")
+    tag_file = os.path.join(path, LATEST_UNIVERSAL)
+    if os.path.isfile(tag_file):
+        with open(tag_file) as f:
+            tag = f.read().strip()
+        folder = os.path.join(path, tag)
+        if not tag or not os.path.isdir(folder):
+            raise UniversalCheckpointError(
+                f"{tag_file}: names {tag!r}, but {folder} does not exist; point --load at the "
+                "global_stepN_universal folder or fix the tag")
+        return _check_universal_folder(folder)
+    if os.path.isdir(os.path.join(path, ZERO)) or os.path.isfile(os.path.join(path, MODEL_STATES)):
+        return _check_universal_folder(path)
+    if os.path.isfile(os.path.join(path, "latest")) or any(
+            n.endswith("_optim_states.pt") for n in os.listdir(path)) or any(
+            re.fullmatch(r"global_step\d+", n) for n in os.listdir(path)):
+        raise UniversalCheckpointError(
+            f"{path}: a ZeRO (non-universal) DeepSpeed checkpoint, not a universal one; convert "
+            "it first with `python ds_to_universal.py --input_folder <root>/global_stepN "
+            "--output_folder <root>/global_stepN_universal`")
+    raise UniversalCheckpointError(
+        f"{path}: not a universal checkpoint: expected a {LATEST_UNIVERSAL} tag file or a "
+        f"global_stepN_universal folder holding {ZERO}/ and {MODEL_STATES}")
+
+
+def _check_universal_folder(folder: str) -> str:
+    for needed in (os.path.join(folder, ZERO), os.path.join(folder, ZERO, OPTIMIZER_STATE),
+                   os.path.join(folder, MODEL_STATES)):
+        if not os.path.exists(needed):
+            raise UniversalCheckpointError(
+                f"{needed}: missing, so {folder} is not a complete universal checkpoint "
+                "(ds_to_universal.py writes zero/, zero/optimizer_state.pt and copies "
+                f"{MODEL_STATES})")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Model config from Megatron args.
+
+
+def _arg(args: Mapping[str, Any], name: str, where: str, default: Any = None) -> Any:
+    value = args.get(name, default)
+    if value is None:
+        raise UniversalCheckpointError(f"{where}: args has no {name!r}; cannot tell the model "
+                                       "shape (is this a Megatron GPT checkpoint?)")
+    return value
+
+
+def config_from_args(args: Mapping[str, Any], info: Mapping[str, Any], where: str) -> GPTConfig:
+    """The GPTConfig a Megatron run's args describe.
+
+    Args:
+        args: `vars(state['args'])` of mp_rank_00_model_states.pt.
+        info: its `universal_checkpoint_info` (original and padded vocab sizes).
+        where: file path for messages.
+
+    Raises:
+        UniversalCheckpointError: a field is missing or the model is not Llama-style.
+    """
+    problems = []
+    for name, want in (("swiglu", True), ("normalization", "rmsnorm"),
+                       ("untie_embeddings_and_output_weights", True), ("add_bias_linear", False)):
+        if name in args and args[name] is not None and args[name] != want:
+            problems.append(f"{name}={args[name]!r} (agpt-jax needs {want!r})")
+    if problems:
+        raise UniversalCheckpointError(f"{where}: not a Llama-style model: " + "; ".join(problems))
+    heads = int(_arg(args, "num_attention_heads", where))
+    kv = args.get("num_key_value_heads") or heads
+    vocab = info.get("original_vocab_size")
+    if vocab is None:
+        raise UniversalCheckpointError(f"{where}: universal_checkpoint_info has no "
+                                       "original_vocab_size; was it written by ds_to_universal?")
+    theta = args.get("rope_theta")
+    if theta is None:
+        # Megatron-DeepSpeed's arguments.py default before the flag existed (spec §1.5).
+        logging.warning("%s: args has no rope_theta; using Megatron's default 10000", where)
+        theta = 10000.0
+    divisible = int(args.get("make_vocab_size_divisible_by") or 128)
+    tp = int(args.get("tensor_model_parallel_size") or 1)
+    cfg = GPTConfig(
+        num_layers=int(_arg(args, "num_layers", where)),
+        hidden_size=int(_arg(args, "hidden_size", where)),
+        num_heads=heads,
+        num_kv_heads=int(kv),
+        ffn_hidden_size=int(_arg(args, "ffn_hidden_size", where)),
+        vocab_size=int(vocab),
+        seq_length=int(args.get("seq_length") or _arg(args, "max_position_embeddings", where)),
+        make_vocab_size_divisible_by=divisible,
+        tensor_parallel_for_padding=tp,
+        rope_theta=float(theta),
+        norm_eps=float(args.get("layernorm_epsilon") or 1e-5),
+        init_std=float(args.get("init_method_std") or 0.02),
+    )
+    padded = info.get("padded_vocab_size", args.get("padded_vocab_size"))
+    if padded is not None and int(padded) != cfg.padded_vocab_size:
+        raise UniversalCheckpointError(
+            f"{where}: padded_vocab_size={padded}, but vocab {vocab} padded to a multiple of "
+            f"make_vocab_size_divisible_by={divisible} x TP={tp} is "
+            f"{vocab_size_with_padding(int(vocab), divisible, tp)}")
+    return cfg
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "vocab_size", "padded_vocab_size", "seq_length", "rope_theta", "norm_eps")
+
+
+def config_mismatches(given: GPTConfig, found: GPTConfig) -> list[str]:
+    """Every model field on which a user-given config disagrees with the checkpoint's."""
+    out = []
+    for name in SHAPE_FIELDS:
+        a, b = getattr(given, name), getattr(found, name)
+        if a != b:
+            out.append(f"{name}: given {a}, checkpoint {b}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint.
+
+
+@dataclasses.dataclass
+class UniversalCheckpoint:
+    """An opened universal checkpoint: everything but the tensors, which are read on demand.
+
+    Attributes:
+        folder: the global_stepN_universal folder.
+        scheme: the parameter naming scheme.
+        config: the model config from args.
+        args: the Megatron args (Namespace contents; foreign objects as PickledObject).
+        iteration: the Megatron iteration saved.
+        checkpoint_version: Megatron's checkpoint_version (3.0).
+        universal_info: universal_checkpoint_info.
+        optimizer_state: zero/optimizer_state.pt minus param_groups.
+        param_groups: the optimizer's param groups (lr, betas, eps, weight_decay, ...).
+        tensors: every Megatron parameter expected, in named_parameters() order.
+        model_states_extra: other top-level keys of mp_rank_00_model_states.pt (JSON-safe).
+    """
+
+    folder: str
+    scheme: ml.NameScheme
+    config: GPTConfig
+    args: dict[str, Any]
+    iteration: int
+    checkpoint_version: Any
+    universal_info: dict[str, Any]
+    optimizer_state: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    tensors: list[ml.MegatronTensor]
+    model_states_extra: dict[str, Any]
+
+    def param_dir(self, name: str) -> str:
+        return os.path.join(self.folder, ZERO, name)
+
+    def read_step(self) -> float:
+        """The Adam step: every parameter's step.pt must hold the same value (DeepSpeed asserts)."""
+        steps = {}
+        for t in self.tensors:
+            steps[t.name] = read_step_file(os.path.join(self.param_dir(t.name), "step.pt"))
+        values = set(steps.values())
+        if len(values) != 1:
+            raise UniversalCheckpointError(f"{self.folder}: step.pt differs between parameters: "
+                                           f"{sorted(values)[:4]}")
+        return values.pop()
+
+    def read(self, t: ml.MegatronTensor, state: str) -> np.ndarray:
+        """One full Megatron tensor, fp32 numpy, vocab tensors zero-padded to V_pad rows.
+
+        Args:
+            t: the tensor.
+            state: "fp32", "exp_avg" or "exp_avg_sq".
+        """
+        path = os.path.join(self.param_dir(t.name), f"{state}.pt")
+        obj = load_tensor_file(path)
+        return validate_state_dict(obj, t, self.config, path)
+
+
+def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
+                        path: str) -> np.ndarray:
+    """Check one universal state dict against the expected tensor and return it as numpy."""
+    import torch
+
+    if not isinstance(obj, Mapping) or "param" not in obj:
+        raise UniversalCheckpointError(f"{path}: expected a dict with 'param' (and 'cat_dim'), "
+                                       f"found {type(obj).__name__}")
+    param = obj["param"]
+    if not isinstance(param, torch.Tensor):
+        raise UniversalCheckpointError(f"{path}: field 'param' is {type(param).__name__}, not a "
+                                       "tensor")
+    if param.dtype != torch.float32:
+        raise UniversalCheckpointError(f"{path}: field 'param' is {param.dtype}; universal "
+                                       "checkpoints hold float32")
+    shape = tuple(param.shape)
+    want = t.shape
+    if t.is_vocab:
+        ok = len(shape) == 2 and shape[1] == want[1] and shape[0] in (config.vocab_size, want[0])
+        if not ok:
+            raise UniversalCheckpointError(
+                f"{path}: shape {list(shape)} does not match the config: expected "
+                f"[{config.vocab_size}, {want[1]}] (original vocab x hidden) for {t.name}; check "
+                "--model-config or the checkpoint's args")
+    elif shape != want:
+        raise UniversalCheckpointError(
+            f"{path}: shape {list(shape)} does not match the config: expected {list(want)} for "
+            f"{t.name}; check --model-config or the checkpoint's args")
+    if t.n_sub_params == 2 and obj.get("param_n_sub_params") not in (None, 2):
+        raise UniversalCheckpointError(f"{path}: param_n_sub_params={obj['param_n_sub_params']}, "
+                                       "expected 2 for dense_h_to_4h")
+    w = param.detach().numpy()
+    if t.is_vocab:
+        w = ml.pad_vocab_rows(w, config.padded_vocab_size)
+    return w
+
+
+def read_step_file(path: str) -> float:
+    """The value of a step.pt (a bare tensor, or a number in old files)."""
+    import torch
+
+    obj = load_tensor_file(path)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return float(obj.item())
+    if isinstance(obj, (int, float)):
+        return float(obj)
+    raise UniversalCheckpointError(f"{path}: expected a one-element step tensor, found "
+                                   f"{type(obj).__name__}")
+
+
+def open_universal(path: str, expected: GPTConfig | None = None) -> UniversalCheckpoint:
+    """Open a universal checkpoint: read args, step metadata, param groups; check every folder.
+
+    Args:
+        path: a `--load` root (with latest_universal) or a global_stepN_universal folder.
+        expected: a user-given config to check against the checkpoint's args; every mismatch is
+            listed in the error.
+
+    Raises:
+        UniversalCheckpointError: with the file, the field and the fix.
+    """
+    folder = resolve_universal_dir(path)
+    states_path = os.path.join(folder, MODEL_STATES)
+    states = load_restricted(states_path)
+    if not isinstance(states, Mapping):
+        raise UniversalCheckpointError(f"{states_path}: expected a dict, found "
+                                       f"{type(states).__name__}")
+    args_obj = states.get("args")
+    if isinstance(args_obj, argparse.Namespace):
+        args = dict(vars(args_obj))
+    elif isinstance(args_obj, PickledObject) and isinstance(args_obj.state, Mapping):
+        args = dict(args_obj.state)
+    else:
+        raise UniversalCheckpointError(f"{states_path}: field 'args' is missing or not an "
+                                       "argparse Namespace")
+    info = states.get("universal_checkpoint_info")
+    if not isinstance(info, Mapping):
+        raise UniversalCheckpointError(
+            f"{states_path}: field 'universal_checkpoint_info' is missing; the checkpoint was "
+            "not prepared by Megatron-DeepSpeed for universal conversion")
+    config = config_from_args(args, info, states_path)
+    if expected is not None:
+        diffs = config_mismatches(expected, config)
+        if diffs:
+            raise UniversalCheckpointError(
+                f"{states_path}: the given model config does not match the checkpoint's args: "
+                + "; ".join(diffs))
+
+    zero = os.path.join(folder, ZERO)
+    names = {n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))}
+    scheme = ml.detect_scheme(names, zero)
+    tensors = ml.megatron_tensors(config, scheme)
+    expected_names = {t.name for t in tensors}
+    missing = [t.name for t in tensors if t.name not in names]
+    if missing:
+        raise UniversalCheckpointError(
+            f"{zero}: missing parameter folder(s) {missing[:4]}"
+            f"{' and %d more' % (len(missing) - 4) if len(missing) > 4 else ''}; the conversion "
+            "is incomplete or the args do not describe this checkpoint")
+    extra = sorted(names - expected_names)
+    if extra:
+        raise UniversalCheckpointError(
+            f"{zero}: unexpected parameter folder(s) {extra[:4]}: agpt-jax's Llama model has no "
+            "such tensor (biases? tied embeddings? a different layer count in args?)")
+
+    opt_path = os.path.join(zero, OPTIMIZER_STATE)
+    opt = load_restricted(opt_path)
+    if not isinstance(opt, Mapping) or "param_groups" not in opt:
+        raise UniversalCheckpointError(f"{opt_path}: field 'param_groups' is missing")
+    groups = [dict(g) for g in opt["param_groups"]]
+    for i, g in enumerate(groups):
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            if key not in g:
+                raise UniversalCheckpointError(f"{opt_path}: param_groups[{i}] has no {key!r}")
+    optimizer_state = {k: v for k, v in opt.items() if k != "param_groups"}
+
+    iteration = states.get("iteration")
+    if not isinstance(iteration, int):
+        raise UniversalCheckpointError(f"{states_path}: field 'iteration' is missing")
+    skip = {"args", "module", "universal_checkpoint_info", "iteration", "checkpoint_version",
+            "rng_state", "optimizer"}
+    extra_states = {k: to_jsonable(v) for k, v in states.items() if k not in skip}
+    return UniversalCheckpoint(
+        folder=folder, scheme=scheme, config=config, args=args, iteration=iteration,
+        checkpoint_version=states.get("checkpoint_version"), universal_info=dict(info),
+        optimizer_state=optimizer_state, param_groups=groups, tensors=tensors,
+        model_states_extra=extra_states)

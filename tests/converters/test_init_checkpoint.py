@@ -1,0 +1,95 @@
+"""The streaming PyTree writer produces what Orbax 0.11.23 writes and restores with Orbax itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+from agpt_jax import init_checkpoint as ic
+
+
+def _tree(rng):
+    return {"layers": {"attn": {"q": rng.standard_normal((3, 8, 2, 4)).astype(np.float32)}},
+            "embed": {"embedding": rng.standard_normal((16, 8)).astype(np.float32)},
+            "count": np.int32(11)}
+
+
+def _write_streaming(item_dir, tree):
+    w = ic.PyTreeItemWriter(item_dir, max_inflight_bytes=64)
+    q = tree["layers"]["attn"]["q"]
+    w.create(("layers", "attn", "q"), q.shape, stacked=True)
+    w.create(("embed", "embedding"), tree["embed"]["embedding"].shape)
+    w.create(("count",), (), np.int32)
+    for i in range(q.shape[0]):
+        w.write(("layers", "attn", "q"), q[i], i)
+    w.write(("embed", "embedding"), tree["embed"]["embedding"])
+    w.write(("count",), tree["count"])
+    w.finalize()
+
+
+def _zarr_meta(item_dir):
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item_dir}"}).result()
+    out = {}
+    for key in kv.list().result():
+        if key.endswith(b".zarray"):
+            meta = json.loads(kv.read(key).result().value)
+            meta.pop("chunks")
+            out[key.decode()] = meta
+    return out
+
+
+def test_streaming_writer_matches_orbax_format(tmp_path):
+    tree = _tree(np.random.default_rng(0))
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    _write_streaming(ours, tree)
+    ocp.PyTreeCheckpointer().save(theirs, tree)
+    # Same tree metadata and the same zarr array metadata (chunking aside), same file layout.
+    meta_ours = json.load(open(os.path.join(ours, "_METADATA")))
+    meta_theirs = json.load(open(os.path.join(theirs, "_METADATA")))
+    assert meta_ours == meta_theirs
+    assert _zarr_meta(ours) == _zarr_meta(theirs)
+    for name in ("manifest.ocdbt", "ocdbt.process_0", "d"):
+        assert os.path.exists(os.path.join(ours, name)) == os.path.exists(
+            os.path.join(theirs, name))
+    # Orbax's own restore reads ours.
+    restored = ocp.PyTreeCheckpointer().restore(ours)
+    np.testing.assert_array_equal(restored["layers"]["attn"]["q"], tree["layers"]["attn"]["q"])
+    np.testing.assert_array_equal(restored["embed"]["embedding"], tree["embed"]["embedding"])
+    assert int(restored["count"]) == 11
+    # Our slice reader reads Orbax's.
+    reader = ic.PyTreeItemReader(theirs)
+    np.testing.assert_array_equal(reader.read(("layers", "attn", "q"), 2),
+                                  tree["layers"]["attn"]["q"][2])
+
+
+def test_step_directory_restores_with_composite_handler(tmp_path):
+    tree = _tree(np.random.default_rng(1))
+    d = str(tmp_path / "ckpt")
+    _write_streaming(os.path.join(d, ic.ITEM_PARAMS), tree)
+    ic.write_metadata_item(d, {"model": {}, "iteration": 3})
+    ic.write_step_metadata(d, [ic.ITEM_PARAMS, ic.ITEM_METADATA], time.time_ns())
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        out = ckptr.restore(d, args=ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(), metadata=ocp.args.JsonRestore()))
+    np.testing.assert_array_equal(out["params"]["embed"]["embedding"], tree["embed"]["embedding"])
+    assert out["metadata"]["iteration"] == 3 and out["metadata"]["format"] == ic.FORMAT
+    assert ic.resolve_checkpoint_dir(d) == d
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(ic.CheckpointError, match="no such checkpoint directory"):
+        ic.resolve_checkpoint_dir(str(tmp_path / "missing"))
+    half = tmp_path / "half"
+    (half / "params").mkdir(parents=True)
+    with pytest.raises(ic.CheckpointError, match="never finished"):
+        ic.resolve_checkpoint_dir(str(half))
+    run = tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-9"
+    run.mkdir(parents=True)
+    with pytest.raises(ic.CheckpointError, match="only unfinished saves"):
+        ic.resolve_checkpoint_dir(str(tmp_path / "run"))
