@@ -99,13 +99,16 @@ def _sequence_losses(model: model_lib.GPT, params: PyTree, tokens: jax.Array,
 
 def train_step(state: TrainState, batch: Batch, *, model: model_lib.GPT,
                tx: optax.GradientTransformation, schedule: optax.Schedule, step_cfg: StepConfig,
-               mesh: Mesh, rules: sh.Rules) -> tuple[TrainState, dict[str, jax.Array]]:
+               mesh: Mesh, rules: sh.Rules,
+               grad_sharding: PyTree | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One iteration: micro-batch gradient accumulation, clipping, AdamW, LR from the schedule.
 
     Args:
         state: the current TrainState.
         batch: "tokens" and "labels", int32 [global_batch, seq].
         model, tx, schedule, step_cfg, mesh, rules: bound with functools.partial before jit.
+        grad_sharding: shardings of the fp32 gradient accumulator (the params' shardings), so
+            gradients stay sharded like the params instead of whatever XLA would infer.
 
     Returns:
         The next state and on-device metrics: loss (mean over the global batch), grad_norm (global
@@ -129,10 +132,16 @@ def train_step(state: TrainState, batch: Batch, *, model: model_lib.GPT,
                 return jnp.mean(per_seq), per_seq
 
             (loss, per_seq), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            grad_sum = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum,
+                                              grads))
             return grad_sum, (loss, per_seq)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        def constrain(tree):
+            if grad_sharding is None:
+                return tree
+            return jax.lax.with_sharding_constraint(tree, grad_sharding)
+
+        zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
         grad_sum, (losses, per_seq) = jax.lax.scan(micro_step, zeros, (tokens, labels))
         # Megatron averages the micro-batch losses (spec §2.4); equal sizes make it the batch mean.
         grads = jax.tree.map(lambda g: g / n, grad_sum)
@@ -239,7 +248,7 @@ def build_trainer(model_cfg: model_lib.GPTConfig, optim_cfg: optim.OptimConfig,
     metric_shardings["sequence_loss"] = sh.batch_sharding(mesh, 1)
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, step_cfg=step_cfg,
-                          mesh=mesh, rules=plan.param_rules),
+                          mesh=mesh, rules=plan.param_rules, grad_sharding=moment_sharding),
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, metric_shardings),
         donate_argnums=(0,) if donate else ())
