@@ -1,0 +1,91 @@
+"""Continued pretraining (CPT) of AuroraGPT-style models: the command line.
+
+    python scripts/cpt.py --config configs/legacy.py:demo --config.load=CKPT --config.save=RUN
+    python scripts/cpt.py --config configs/constant_cooldown.py:agpt_7b --dry_run
+
+The launcher's environment variables (DATA_FILE_LIST, LOAD, SAVE, TRAIN_TOKENS, GLOBAL_BATCH,
+LR, LR_WARMUP_FRAC, ...) are the config's defaults; `--config.<key>=<value>` overrides them.
+Multi-process: started by mpiexec (the launcher's rank variables are read), or with
+--coordinator_address, --num_processes and --process_id.
+
+Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 1 bad input (one line; --debug
+shows the traceback), 2 stopped by non-finite updates.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/<recipe>.py:<agpt_7b|demo|smoke>", lock_config=True)
+_DRY_RUN = flags.DEFINE_boolean(
+    "dry_run", False, "print the resolved config and derived numbers, check the inputs, write "
+    "config.json and lr_schedule.csv/png into the run directory, and exit")
+_DEBUG = flags.DEFINE_boolean("debug", False, "show tracebacks of input errors")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process without a launcher)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
+_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
+                                        "simulated devices per process on CPU (tests)")
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"cpt.py: error: {message}", file=sys.stderr, flush=True)
+    if _DEBUG.value:
+        traceback.print_exc()
+    return code
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from agpt_jax import config as config_lib
+    from agpt_jax import loop, runtime
+    from agpt_jax.data import DataError
+    from agpt_jax.init_checkpoint import CheckpointError
+
+    if _CONFIG.value is None:
+        return _fail("--config is required, e.g. --config configs/legacy.py:demo")
+    cd = _CONFIG.value
+    try:
+        distributed = None
+        if _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+            distributed = runtime.DistributedConfig(
+                coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                process_id=_PROCESS_ID.value)
+        rt = runtime.initialize(cd.platform, distributed, num_cpu_devices=_NUM_CPU_DEVICES.value)
+        logging.info("runtime: %s", rt.describe())
+        cfg = config_lib.from_config(cd, rt.device_count)
+        if rt.is_main_process:
+            print(config_lib.describe(cfg), flush=True)
+        if _DRY_RUN.value:
+            report = loop.dry_run(cfg, rt)
+            if rt.is_main_process:
+                print(report.summary.split("\n", len(config_lib.describe(cfg).splitlines()))[-1],
+                      flush=True)
+            return 0
+        result = loop.run(cfg, rt)
+    except config_lib.ConfigError as e:
+        for line in e.problems:
+            print(f"cpt.py: config error: {line}", file=sys.stderr)
+        if _DEBUG.value:
+            traceback.print_exc()
+        return 1
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    except loop.NonFiniteError as e:
+        return _fail(str(e), code=2)
+    if rt.is_main_process:
+        how = "stopped by signal" if result.stopped_by_signal else "done"
+        print(f"{how}: iterations {result.start_iteration + 1}..{result.last_iteration}, "
+              f"{result.seconds_per_iteration:.3f} s/iteration; checkpoint "
+              f"{result.checkpoint}; metrics {result.run_dir}/metrics.jsonl", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
