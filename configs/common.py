@@ -126,7 +126,7 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
         # The 7B default is the CPT notes' 22e9 tokens (874 iterations at GBS 6144, spec §1.3).
         "agpt_7b": dict(micro_batch=1, grad_acc_steps=1, seq=4096, train_tokens=22_000_000_000,
                         train_iters=0, save_interval=50, eval_interval=100, eval_iters=20),
-        "demo": dict(micro_batch=2, grad_acc_steps=2, seq=128, train_tokens=0, train_iters=120,
+        "demo": dict(micro_batch=16, grad_acc_steps=1, seq=128, train_tokens=0, train_iters=120,
                      save_interval=40, eval_interval=20, eval_iters=2),
         "smoke": dict(micro_batch=1, grad_acc_steps=2, seq=32, train_tokens=0, train_iters=6,
                       save_interval=4, eval_interval=3, eval_iters=1),

@@ -41,8 +41,14 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _quiet_orbax(record) -> bool:
+    """Drops Orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps its warnings."""
+    return record.levelno > 20 or "orbax" not in record.pathname
+
+
 def main(argv: list[str]) -> int:
     del argv
+    logging.get_absl_handler().addFilter(_quiet_orbax)
     from agpt_jax import config as config_lib
     from agpt_jax import loop, runtime
     from agpt_jax.data import DataError
