@@ -183,7 +183,7 @@ def load_tensor_file(path: str) -> Any:
 
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UniversalCheckpointError(
             f"{path}: cannot be read with weights_only=True ({type(e).__name__}: "
