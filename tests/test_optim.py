@@ -110,9 +110,12 @@ def assert_close(jx: dict, ref: dict, what: str, rtol: float, atol: float) -> No
         np.testing.assert_allclose(jx[k], ref[k], rtol=rtol, atol=scale_atol, err_msg=f"{what} {k}")
 
 
-def test_matches_torch_adamw_with_deepspeed_clipping_over_steps():
+@pytest.mark.parametrize("cfg", [
+    optim.OptimConfig(),  # AuroraGPT: betas (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0
+    optim.OptimConfig(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05, clip_grad=0.3),
+], ids=["auroragpt", "other"])
+def test_matches_torch_adamw_with_deepspeed_clipping_over_steps(cfg):
     """Params, moments, step and pre-clip norm match torch over 6 steps, clipping active, LR moving."""
-    cfg = optim.OptimConfig()
     sched_cfg = optim.ScheduleConfig(style="cosine", max_lr=3e-3, min_lr=3e-4, train_iters=8,
                                      warmup_iters=2, init_lr=1e-3)
     schedule = optim.make_schedule(sched_cfg)
