@@ -1,4 +1,4 @@
-"""The on-disk checkpoint layout agpt-jax starts from and saves, with a streaming writer and readers.
+"""The on-disk checkpoint layout agpt-jax starts from and saves: a streaming writer and readers.
 
 A checkpoint directory is one Orbax `CheckpointManager` step with these items:
 
@@ -15,8 +15,8 @@ A checkpoint directory is one Orbax `CheckpointManager` step with these items:
 A training run writes the same items (plus `train` and `data`) under `SAVE/checkpoints/<step>/`
 through its CheckpointManager; `resolve_checkpoint_dir` accepts either.
 
-`PyTreeItemWriter` writes a PyTree item in exactly the format Orbax 0.11.23's PyTreeCheckpointHandler
-writes with OCDBT (a per-process OCDBT database `ocdbt.process_0/` merged into the item's root
+`PyTreeItemWriter` writes a PyTree item in exactly the format Orbax 0.11.23's
+PyTreeCheckpointHandler writes with OCDBT (a per-process OCDBT database `ocdbt.process_0/` merged into the item's root
 database, zarr v2 arrays with zstd, `_METADATA` with the tree structure), but one slice at a time:
 stacked [L, ...] params are chunked one layer per chunk, so each layer slice is a whole chunk and
 peak memory stays a small multiple of one Megatron tensor rather than of the model.
@@ -351,7 +351,8 @@ class PyTreeItemReader:
         self.item_dir = os.path.abspath(item_dir)
         meta_path = os.path.join(self.item_dir, "_METADATA")
         if not os.path.isfile(meta_path):
-            raise CheckpointError(f"{meta_path}: missing; {self.item_dir} is not an Orbax PyTree item")
+            raise CheckpointError(
+                f"{meta_path}: missing; {self.item_dir} is not an Orbax PyTree item")
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("use_zarr3"):

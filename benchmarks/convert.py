@@ -1,10 +1,12 @@
 """Benchmark: universal -> Orbax conversion against a plain copy of the same bytes.
 
-    python benchmarks/convert.py [--layers 26 --hidden 2048 ...] [--no-optimizer-state] [--workdir DIR]
+    python benchmarks/convert.py [--layers 26 --hidden 2048 ...] [--no-optimizer-state]
+        [--workdir DIR]
 
 Writes a synthetic universal checkpoint (default ~1.3B parameters, an AuroraGPT-shaped GQA Llama)
 with the project's universal writer, then in the same run measures
-  1. a plain copy of the tensor files the converter reads (zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt),
+  1. a plain copy of the tensor files the converter reads
+     (zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt),
   2. `converters.universal_to_orbax` in a child process, timing it and reading its peak RSS,
 and prints a table with the ratio of conversion time to copy time and of peak RSS to the largest
 tensor. Each step runs in a fresh process; the page cache is not dropped (no root), so both read

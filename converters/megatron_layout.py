@@ -6,7 +6,7 @@ arithmetic), so universal -> agpt-jax -> universal is bit-exact.
 Megatron stores linear weights as [out, in] and applies `y = x @ W.T` (spec §4.1); agpt-jax
 stores kernels as [in, ...out] and stacks the L blocks on a leading axis. The per-tensor rules:
 
-    word_embeddings.weight           [V, H]            -> embed/embedding [V_pad, H] (zero rows padded)
+    word_embeddings.weight           [V, H]            -> embed/embedding [V_pad, H] (zero-padded)
     input_layernorm.weight           [H]               -> layers/attn_norm/scale [i]
     query_key_value.weight           [(nq+2nkv)*D, H]  -> layers/attn/{q,k,v} [i] (spec §4.2)
     self_attention.dense.weight      [H, nq*D]         -> layers/attn/o [i] [nq, D, H]
@@ -17,8 +17,8 @@ stores kernels as [in, ...out] and stacks the L blocks on a leading axis. The pe
     output_layer.weight              [V, H]            -> lm_head/kernel [H, V_pad]
 
 Two naming schemes exist (spec §3.5, §4.6): the non-pipeline module names
-(`language_model.encoder.layers.{i}...`) and the DeepSpeed pipeline names (`1.word_embeddings.weight`,
-`{2+i}....`, `{L+2}.weight`, `{L+3}.lm_head.weight`).
+(`language_model.encoder.layers.{i}...`) and the DeepSpeed pipeline names
+(`1.word_embeddings.weight`, `{2+i}....`, `{L+2}.weight`, `{L+3}.lm_head.weight`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -163,7 +163,8 @@ def megatron_tensors(config: GPTConfig, scheme: NameScheme) -> list[MegatronTens
     return out
 
 
-_PIPE_LAYER_RE = re.compile(r"^(\d+)\.(self_attention|mlp|input_layernorm|post_attention_layernorm)")
+_PIPE_LAYER_RE = re.compile(
+    r"^(\d+)\.(self_attention|mlp|input_layernorm|post_attention_layernorm)")
 _MODULE_LAYER_RE = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.")
 
 
@@ -344,17 +345,3 @@ def is_stacked(path: FlaxPath) -> bool:
     """Params under `layers/` carry the leading [L] axis."""
     return path[0] == "layers"
 
-
-def iter_layer_groups(tensors: list[MegatronTensor]) -> Iterator[tuple[int | None,
-                                                                        list[MegatronTensor]]]:
-    """Group tensors by layer index, keeping order (None for the non-block tensors)."""
-    group: list[MegatronTensor] = []
-    current: int | None = -1
-    for t in tensors:
-        if t.layer != current and group:
-            yield current, group
-            group = []
-        current = t.layer
-        group.append(t)
-    if group:
-        yield current, group

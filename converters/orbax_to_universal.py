@@ -7,8 +7,8 @@ SRC is a converted checkpoint or a training run (newest finalized step, see
 
     DST/latest_universal                                   "global_stepN_universal"
     DST/global_stepN_universal/mp_rank_00_model_states.pt  args (Namespace), iteration,
-                                                           checkpoint_version, universal_checkpoint_info,
-                                                           module, DeepSpeed keys
+                                                           checkpoint_version, module, DeepSpeed
+                                                           keys, universal_checkpoint_info
     DST/global_stepN_universal/zero/optimizer_state.pt     param_groups, ds_version, clip_grad, ...
     DST/global_stepN_universal/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt   {'param', 'cat_dim',
                                                            ['param_n_sub_params'], ['vocab_tensor']}
@@ -16,7 +16,8 @@ SRC is a converted checkpoint or a training run (newest finalized step, see
 
 with the dict keys and flags ds_to_universal.py writes (spec §3.4-3.5, §7), so DeepSpeed's
 `load_hp_checkpoint_state` reads it: vocabulary tensors keep only the original vocabulary rows
-(DeepSpeed pads them back with zeros), dense_h_to_4h is marked `param_n_sub_params=2`, `cat_dim` is 0.
+(DeepSpeed pads them back with zeros), dense_h_to_4h is marked `param_n_sub_params=2`, `cat_dim`
+is 0.
 
 What cannot be carried through JSON metadata is left out, and DeepSpeed/Megatron fall back as
 follows: the DeepSpeed loss-scaler object (`_load_global_state` keeps its live scaler when the key

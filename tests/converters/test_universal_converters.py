@@ -57,7 +57,8 @@ def _pickle_with_standins(obj, path: str) -> None:
         "deepspeed": types.ModuleType("deepspeed"),
         "deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
         "deepspeed.runtime.fp16": types.ModuleType("deepspeed.runtime.fp16"),
-        "deepspeed.runtime.fp16.loss_scaler": types.ModuleType("deepspeed.runtime.fp16.loss_scaler"),
+        "deepspeed.runtime.fp16.loss_scaler": types.ModuleType(
+            "deepspeed.runtime.fp16.loss_scaler"),
     }
     assert not set(fakes) & set(sys.modules)
     fakes["megatron.core.enums"].ModelType = ModelType
@@ -103,7 +104,8 @@ def megatron_from_hf(w: dict[str, np.ndarray], pipeline: bool) -> dict[str, np.n
     dense_h_to_4h = [gate; up] (§4.3); vocab tensors keep V rows (the universal form)."""
     g = NQ // NKV
     out = {}
-    emb = "1.word_embeddings.weight" if pipeline else "language_model.embedding.word_embeddings.weight"
+    emb = ("1.word_embeddings.weight" if pipeline
+           else "language_model.embedding.word_embeddings.weight")
     out[emb] = w["model.embed_tokens.weight"]
     for i in range(L):
         pre = f"{2 + i}." if pipeline else f"language_model.encoder.layers.{i}."
@@ -187,8 +189,8 @@ def write_universal_fixture(root: str, seed: int = 0, pipeline: bool = False,
     padded = {n: (np.concatenate([w, np.zeros((VPAD - V, H), np.float32)]) if n in vocab_names
                   else w) for n, w in meg.items()}
     module = {"language_model": {
-        "embedding": {"word_embeddings": {"weight": torch.tensor(padded[
-            "language_model.embedding.word_embeddings.weight"]).bfloat16()}} if not pipeline else {},
+        "embedding": {} if pipeline else {"word_embeddings": {"weight": torch.tensor(padded[
+            "language_model.embedding.word_embeddings.weight"]).bfloat16()}},
         "encoder": {n[len("language_model.encoder."):]: torch.tensor(w).bfloat16()
                     for n, w in padded.items() if n.startswith("language_model.encoder.")},
     }}
