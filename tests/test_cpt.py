@@ -1,0 +1,292 @@
+"""End-to-end CPT runs at smoke scale: learning, bit-exact resume, SIGTERM, non-finite, dry run,
+2 processes.
+
+Fixtures are written with the data package's own writer: two corpora of arithmetic token
+progressions ("papers" step 3, "web" step 7), which a tiny model learns within a few iterations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from agpt_jax import config as config_lib
+from agpt_jax import init_checkpoint as ic
+from agpt_jax import loop, runtime
+from agpt_jax.data import DataError, write_indexed_dataset
+from agpt_jax.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CPT = str(ROOT / "scripts" / "cpt.py")
+
+
+def load_config(recipe: str, arg: str = "smoke"):
+    spec = importlib.util.spec_from_file_location(f"cfg_{recipe}", ROOT / "configs" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def make_cfg(recipe: str, **over) -> config_lib.RunConfig:
+    cd = load_config(recipe)
+    cd.progress_bar = False
+    for k, v in over.items():
+        setattr(cd, k, v)
+    return config_lib.from_config(cd, jax.device_count())
+
+
+def write_corpora(directory: str) -> dict[str, str]:
+    rng = np.random.RandomState(0)
+
+    def docs(step: int, n: int):
+        for _ in range(n):
+            length, start = rng.randint(40, 120), rng.randint(0, 99)
+            yield (start + step * np.arange(length)) % 97 + 1
+
+    write_indexed_dataset(os.path.join(directory, "papers"), docs(3, 300), np.uint16)
+    write_indexed_dataset(os.path.join(directory, "web"), docs(7, 300), np.uint16)
+    lists = {"mix": "0.9 papers papers\n0.1 web web\n", "web": "1.0 web web\n",
+             "broken": "0.5 papers papers\n0.5 missing_corpus web\n"}
+    out = {}
+    for name, text in lists.items():
+        out[name] = os.path.join(directory, f"{name}.txt")
+        with open(out[name], "w") as f:
+            f.write(text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return runtime.initialize("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_corpora(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def pretrained(rt, data, tmp_path_factory):
+    """A 'legacy pretrained model': the pretrain recipe on web only."""
+    save = str(tmp_path_factory.mktemp("pretrain"))
+    cfg = make_cfg("pretrain", data_file_list=data["web"], save=save, train_iters=6)
+    result = loop.run(cfg, rt)
+    return save, result
+
+
+def restored_params(run_dir: str):
+    return ic.restore_params(run_dir)
+
+
+def test_pretrain_writes_a_complete_run_dir(pretrained):
+    save, result = pretrained
+    assert result.last_iteration == 6 and not result.stopped_by_signal
+    for name in ("config.json", "metrics.jsonl", "lr_schedule.csv", "lr_schedule.png"):
+        assert os.path.isfile(os.path.join(save, name)), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(save))
+    step = ic.resolve_checkpoint_dir(save)
+    assert step.endswith(os.path.join("checkpoints", "6"))
+    assert sorted(os.listdir(step)) == sorted(
+        ["_CHECKPOINT_METADATA", "adam", "data", "metadata", "params", "train"])
+    meta = ic.read_metadata(save)  # the converters' reader accepts a run's step
+    assert meta["iteration"] == 6 and meta["adam_step"] == 6
+    assert ic.model_config(save) == make_cfg("pretrain", data_file_list="x", save=save).model
+    assert [g["weight_decay"] for g in meta["param_groups"]] == [0.1, 0.0]
+    records = [r for r in read_metrics(os.path.join(save, "metrics.jsonl")) if "loss" in r]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["lr"] == 0.0  # Megatron's warmup starts at 0 (spec §2.1)
+    for key in ("loss/web", "tokens/web", "grad_norm", "update_norm", "tokens_per_s",
+                "tflops_per_device", "mfu", "skipped"):
+        assert key in records[-1], key
+    assert records[-1]["tokens"] == 6 * 16 * 32 == records[-1]["tokens/web"]
+    with open(os.path.join(save, "lr_schedule.csv")) as f:
+        rows = f.read().splitlines()
+    assert rows[0] == "iteration,lr" and len(rows) == 7
+    # The LR each iteration's update used is the CSV's row for that iteration.
+    np.testing.assert_allclose([float(r.split(",")[1]) for r in rows[1:]],
+                               [r["lr"] for r in records], rtol=1e-6, atol=1e-12)
+
+
+def test_legacy_cpt_learns_the_new_corpus(rt, data, pretrained, tmp_path):
+    save = str(tmp_path / "legacy")
+    cfg = make_cfg("legacy", data_file_list=data["mix"], load=pretrained[0], save=save,
+                   train_iters=12, eval_interval=4, lr=3e-3)
+    result = loop.run(cfg, rt)
+    assert result.start_iteration == 0 and result.last_iteration == 12  # iteration reset to 0
+    records = read_metrics(os.path.join(save, "metrics.jsonl"))
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["iteration"] for r in evals] == [4, 8, 12]
+    assert evals[-1]["eval/loss/papers"] < evals[0]["eval/loss/papers"] - 0.05
+    train = [r for r in records if "loss" in r]
+    assert np.mean([r["loss/papers"] for r in train[-3:]]) < np.mean(
+        [r["loss/papers"] for r in train[:3]])
+    assert train[-1]["tokens/papers"] > 5 * train[-1]["tokens/web"]  # the 0.9 / 0.1 blend
+    # Adam step continued from the source (spec §2.6): 6 pretraining + 12 CPT updates.
+    assert ic.read_metadata(save)["adam_step"] == 18
+
+
+def test_resume_is_bit_exact(rt, data, pretrained, tmp_path):
+    common = dict(data_file_list=data["mix"], load=pretrained[0], train_iters=8, save_interval=3,
+                  eval_interval=4)
+    whole = str(tmp_path / "whole")
+    loop.run(make_cfg("legacy", save=whole, **common), rt)
+    parts = str(tmp_path / "parts")
+    first = loop.run(make_cfg("legacy", save=parts, stop_at_iteration=5, **common), rt)
+    assert first.last_iteration == 5
+    second = loop.run(make_cfg("legacy", save=parts, **common), rt)
+    assert second.start_iteration == 5 and second.last_iteration == 8
+
+    def losses(d):
+        return [(r["iteration"], r.get("loss"), r.get("eval/loss"), r.get("lr"))
+                for r in read_metrics(os.path.join(d, "metrics.jsonl"))]
+
+    assert losses(parts) == losses(whole)  # exactly equal floats, eval lines included
+    a, b = restored_params(whole), restored_params(parts)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    ma, mb = ic.restore_adam(whole), ic.restore_adam(parts)
+    for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_constant_cooldown_refuses_a_cooled_down_source(rt, data, pretrained, tmp_path):
+    # The pretrained model's last LR is near min_lr: cooled down by its cosine.
+    cfg = make_cfg("constant_cooldown", data_file_list=data["mix"], load=pretrained[0],
+                   save=str(tmp_path / "cc"))
+    with pytest.raises(config_lib.ConfigError, match="looks cooled down already"):
+        loop.run(cfg, rt)
+
+
+def test_non_finite_updates_stop_the_run(rt, data, pretrained, tmp_path):
+    save = str(tmp_path / "nan")
+    cfg = make_cfg("constant_cooldown", data_file_list=data["mix"], load=pretrained[0],
+                   save=save, lr=1e36, allow_cooled_down_source=True, max_skipped_in_a_row=2,
+                   train_iters=6, save_interval=100)
+    with pytest.raises(loop.NonFiniteError, match="2 non-finite updates in a row"):
+        loop.run(cfg, rt)
+    records = [r for r in read_metrics(os.path.join(save, "metrics.jsonl")) if "loss" in r]
+    assert [r["skipped"] for r in records][-2:] == [1, 1]
+    assert not os.path.isdir(os.path.join(save, "checkpoints")) or not [
+        n for n in os.listdir(os.path.join(save, "checkpoints")) if n.isdigit()]
+
+
+def test_dry_run_writes_the_schedule_and_names_a_missing_file(rt, data, tmp_path):
+    cfg = make_cfg("constant_cooldown", data_file_list=data["mix"], load=str(tmp_path),
+                   save=str(tmp_path / "dry"), train_iters=50)
+    with pytest.raises(ic.CheckpointError):  # LOAD is an empty folder, not a checkpoint
+        loop.dry_run(cfg, rt)
+    cfg = make_cfg("pretrain", data_file_list=data["mix"], save=str(tmp_path / "dry"),
+                   train_iters=50)
+    report = loop.dry_run(cfg, rt)
+    assert "corpus papers: share 0.9000" in report.summary
+    with open(report.lr_csv) as f:
+        assert len(f.read().splitlines()) == 51
+    assert os.path.getsize(report.lr_png) > 1000
+    assert not os.path.isdir(os.path.join(cfg.run_dir, "checkpoints"))
+    cfg = make_cfg("pretrain", data_file_list=data["broken"], save=str(tmp_path / "dry2"))
+    with pytest.raises(DataError, match=r"line 2: missing .*missing_corpus\.bin"):
+        loop.dry_run(cfg, rt)
+
+
+def _child_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    for name in ("LOAD", "SAVE", "DATA_FILE_LIST", "TRAIN_TOKENS", "TRAIN_ITERS"):
+        env.pop(name, None)
+    return env
+
+
+def test_cli_config_error_is_one_line(data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, CPT, "--config", "configs/legacy.py:smoke",
+         f"--config.data_file_list={data['mix']}", f"--config.save={tmp_path}",
+         "--config.global_batch=7"],
+        cwd=ROOT, env=_child_env(8), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cpt.py:")]
+    assert len(errors) == 2, proc.stderr  # missing LOAD and the batch arithmetic
+    assert any("LOAD is empty" in ln for ln in errors)
+    assert any("GLOBAL_BATCH=16" in ln for ln in errors)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(data, pretrained, tmp_path):
+    save = str(tmp_path / "sig")
+    proc = subprocess.Popen(
+        [sys.executable, CPT, "--config", "configs/legacy.py:smoke",
+         f"--config.data_file_list={data['mix']}", f"--config.load={pretrained[0]}",
+         f"--config.save={save}", "--config.train_iters=400", "--config.save_interval=1000",
+         "--config.eval_interval=1000", "--config.progress_bar=False"],
+        cwd=ROOT, env=_child_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(save, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if os.path.isfile(metrics) and len(read_metrics(metrics)) >= 3:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in out
+    last = read_metrics(metrics)[-1]["iteration"]
+    assert 3 <= last < 400
+    step = ic.resolve_checkpoint_dir(save)
+    assert os.path.basename(step) == str(last)
+    assert ic.read_metadata(step)["iteration"] == last
+    leaves = jax.tree.leaves(ic.restore_params(step))
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(rt, data, tmp_path):
+    over = dict(data_file_list=data["mix"], train_iters=4, eval_interval=2)
+    single = str(tmp_path / "one")
+    loop.run(make_cfg("pretrain", save=single, **over), rt)
+    double = str(tmp_path / "two")
+    port = _free_port()
+    args = [f"--config.data_file_list={data['mix']}", f"--config.save={double}",
+            "--config.train_iters=4", "--config.eval_interval=2", "--config.progress_bar=False"]
+    procs = [subprocess.Popen(
+        [sys.executable, CPT, "--config", "configs/pretrain.py:smoke",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+         *args], cwd=ROOT, env=_child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    one = read_metrics(os.path.join(single, "metrics.jsonl"))
+    two = read_metrics(os.path.join(double, "metrics.jsonl"))
+    assert [r["iteration"] for r in one] == [r["iteration"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "eval/loss", "loss/papers", "eval/loss/web", "lr"):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-6, err_msg=key)
+    for x, y in zip(jax.tree.leaves(ic.restore_params(single)),
+                    jax.tree.leaves(ic.restore_params(double))):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
