@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     impls = [x for x in args.impls.split(",") if x]
     for impl in impls:
         if impl not in attention_lib.IMPLEMENTATIONS:
-            raise SystemExit(f"--impls: unknown {impl!r}; choose from {attention_lib.IMPLEMENTATIONS}")
+            raise SystemExit(
+                f"--impls: unknown {impl!r}; choose from {attention_lib.IMPLEMENTATIONS}")
     rows = []
     for seq in _parse_ints(args.seq):
         shape = Shape(args.batch, seq, args.heads, args.kv_heads, args.head_dim, args.dtype)

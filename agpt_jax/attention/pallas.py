@@ -1,7 +1,7 @@
 """Flash attention with GQA as Pallas kernels: Triton on CUDA GPUs, interpret mode elsewhere.
 
-The kernels of jax 0.5.0 (`jax.experimental.pallas.ops.gpu.attention.mha`) have no GQA: passing fewer
-kv heads silently computes wrong numbers (spec/jax-stack.md §2). These kernels are written for GQA:
+The kernels of jax 0.5.0 (`jax.experimental.pallas.ops.gpu.attention.mha`) have no GQA: passing
+fewer kv heads silently computes wrong numbers (spec/jax-stack.md §2). These kernels are written for GQA:
 a query head's program reads its kv head, h // (heads // kv_heads) (Megatron's repeat_kv grouping,
 spec §4.2), through the BlockSpec index map, so K/V are never repeated in memory.
 

@@ -16,10 +16,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) 
         causal: mask keys after the query position.
 
     Returns:
-        [batch, seq, heads, head_dim] in q's dtype. Scores and softmax are computed in fp32; the scale
-        is 1/sqrt(head_dim) (Megatron's norm_factor without layer scaling, spec §4.5). Query head h reads
-        kv head h // (heads // kv_heads), the grouping of Megatron's repeat_kv (spec §4.2); K/V are not
-        copied per query head, the heads are grouped instead.
+        [batch, seq, heads, head_dim] in q's dtype. Scores and softmax are computed in fp32; the
+        scale is 1/sqrt(head_dim) (Megatron's norm_factor without layer scaling, spec §4.5). Query
+        head h reads kv head h // (heads // kv_heads), the grouping of Megatron's repeat_kv (spec
+        §4.2); K/V are not copied per query head, the heads are grouped instead.
     """
     b, s, h, d = q.shape
     kvh = k.shape[2]

@@ -58,8 +58,9 @@ class Case:
     causal: bool = True
 
     def __str__(self) -> str:
+        mask = "causal" if self.causal else "full"
         return (f"b{self.batch}-s{self.seq}-h{self.heads}/{self.kv_heads}-d{self.head_dim}-"
-                f"{jnp.dtype(self.dtype).name}-blk{self.block}-{'causal' if self.causal else 'full'}")
+                f"{jnp.dtype(self.dtype).name}-blk{self.block}-{mask}")
 
 
 CASES = [
@@ -134,7 +135,8 @@ def assert_matches_reference(fn, case: Case) -> None:
         assert grad.dtype == x.dtype and grad.shape == x.shape
     tol = TOLERANCE[case.dtype]
     names = ("out", "dq", "dk", "dv")
-    errors = {n: relative_error(a, e) for n, a, e in zip(names, (out, *grads), (ref_out, *ref_grads))}
+    errors = {n: relative_error(a, e)
+              for n, a, e in zip(names, (out, *grads), (ref_out, *ref_grads))}
     assert all(e <= tol for e in errors.values()), (str(case), errors, tol)
 
 

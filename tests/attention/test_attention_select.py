@@ -24,7 +24,7 @@ def fresh_choice_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     ("gpu", 4096, "pallas"),
     ("xpu", 128, "blockwise"),
     ("xpu", 4096, "blockwise"),
-    ("cpu", 1024, "xla"),
+    ("cpu", 512, "xla"),
     ("cpu", attention_lib.LONG_SEQUENCE - 1, "xla"),
     ("cpu", attention_lib.LONG_SEQUENCE, "blockwise"),
     ("tpu", 512, "xla"),
