@@ -67,7 +67,8 @@ class GPTConfig:
         compute_dtype: activations and matmuls ("bfloat16" as Megatron --bf16, or "float32").
         param_dtype: stored params ("float32": the fp32 master weights).
         remat: activation checkpointing of each block: none | full | dots | dots_no_batch.
-        attention: implementation passed to agpt_jax.attention (xla | blockwise | pallas | auto).
+        attention: implementation passed to agpt_jax.attention (xla | blockwise | pallas | auto;
+            auto picks pallas on CUDA GPUs, blockwise on XPU and for long sequences, else xla).
         scan_layers: True runs the blocks under a rolled nn.scan (fast compiles); False unrolls the
             same scan (identical param tree, XLA may fuse across layers).
     """
@@ -87,7 +88,7 @@ class GPTConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "full"
-    attention: str = "xla"
+    attention: str = "auto"
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
