@@ -18,6 +18,7 @@ so a step folder without its final name is never restored. The newest `keep` ste
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -163,8 +164,6 @@ def read_progress(step_dir: str) -> TrainProgress | None:
     path = os.path.join(step_dir, ITEM_TRAIN, "metadata")
     if not os.path.isfile(path):
         return None
-    import json
-
     with open(path) as f:
         return TrainProgress.from_json(json.load(f))
 

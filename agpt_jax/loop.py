@@ -246,6 +246,15 @@ def _check_not_cooled_down(cfg: RunConfig, directory: str, meta: dict[str, Any],
             f"config.lr, or set --config.allow_cooled_down_source=True"])
 
 
+def _check_source(cfg: RunConfig, rt: Runtime) -> str:
+    """LOAD's checkpoint directory, after checking its model and (constant_cooldown) its LR."""
+    directory = _source_dir(cfg, rt)
+    _check_source_model(cfg, directory)
+    _check_not_cooled_down(cfg, directory, ic.read_metadata(directory),
+                           ckpt_lib.read_progress(directory))
+    return directory
+
+
 # ------------------------------------------------------------------------------------------------
 # State.
 
@@ -329,11 +338,9 @@ def _initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrain
         progress = ckpt_lib.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
         return _Start(fresh, progress, None, {}, False)
 
-    directory = _source_dir(cfg, rt)
-    _check_source_model(cfg, directory)
+    directory = _check_source(cfg, rt)
     meta = ic.read_metadata(directory)
     src_progress = ckpt_lib.read_progress(directory)
-    _check_not_cooled_down(cfg, directory, meta, src_progress)
     logging.info("loading %s", directory)
     params = ic.restore_params(directory, trainer.abstract_state.params)
     adam = fresh.opt_state["adam"]
@@ -431,6 +438,26 @@ def _evaluate(cfg: RunConfig, rt: Runtime, trainer, params, valid, index: int,
     return out
 
 
+# Compiled trainers of this process, by everything that shapes the compiled step: a process that
+# runs several times with the same model, schedule and batch (a resume, a sweep, the tests)
+# compiles once.
+_TRAINERS: dict[tuple, train_lib.CompiledTrainer] = {}
+_MAX_TRAINERS = 2
+
+
+def _trainer(cfg: RunConfig, rt: Runtime) -> train_lib.CompiledTrainer:
+    key = (cfg.model, cfg.optim, cfg.schedule, cfg.batch, cfg.mesh, cfg.strategy,
+           rt.supports_donation, tuple(d.id for d in jax.devices()))
+    if key not in _TRAINERS:
+        while len(_TRAINERS) >= _MAX_TRAINERS:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        _TRAINERS[key] = train_lib.build_trainer(
+            cfg.model, cfg.optim, optim.make_schedule(cfg.schedule),
+            train_lib.StepConfig(cfg.batch.global_batch_size, cfg.batch.grad_acc_steps),
+            make_mesh(cfg.mesh), cfg.strategy, donate=rt.supports_donation)
+    return _TRAINERS[key]
+
+
 def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     """Trains per `cfg` (see the module docstring for where it starts and how it stops).
 
@@ -441,14 +468,11 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     _prepare_run_dir(cfg, rt)
     entries = read_file_list(cfg.data.file_list, check_files=True)
     corpora = sorted({e.corpus for e in entries})
-    mesh = make_mesh(cfg.mesh)
-    schedule = optim.make_schedule(cfg.schedule)
-    trainer = train_lib.build_trainer(
-        cfg.model, cfg.optim, schedule,
-        train_lib.StepConfig(cfg.batch.global_batch_size, cfg.batch.grad_acc_steps), mesh,
-        cfg.strategy, donate=rt.supports_donation)
     ckptr = ckpt_lib.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep)
     try:
+        if ckptr.latest_step() is None and cfg.checkpoint.load:
+            _check_source(cfg, rt)  # fail on a wrong source before compiling anything
+        trainer = _trainer(cfg, rt)
         return _train(cfg, rt, trainer, ckptr, entries, corpora)
     finally:
         ckptr.close()

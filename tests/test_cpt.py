@@ -84,10 +84,6 @@ def pretrained(rt, data, tmp_path_factory):
     return save, result
 
 
-def restored_params(run_dir: str):
-    return ic.restore_params(run_dir)
-
-
 def test_pretrain_writes_a_complete_run_dir(pretrained):
     save, result = pretrained
     assert result.last_iteration == 6 and not result.stopped_by_signal
@@ -117,13 +113,13 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
                                [r["lr"] for r in records], rtol=1e-6, atol=1e-12)
 
 
-def test_legacy_cpt_learns_the_new_corpus(rt, data, pretrained, tmp_path):
-    save = str(tmp_path / "legacy")
-    cfg = make_cfg("legacy", data_file_list=data["mix"], load=pretrained[0], save=save,
-                   train_iters=12, eval_interval=4, lr=3e-3)
-    result = loop.run(cfg, rt)
+def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path):
+    common = dict(data_file_list=data["mix"], load=pretrained[0], train_iters=12,
+                  eval_interval=4, save_interval=3, lr=3e-3)
+    whole = str(tmp_path / "whole")
+    result = loop.run(make_cfg("legacy", save=whole, **common), rt)
     assert result.start_iteration == 0 and result.last_iteration == 12  # iteration reset to 0
-    records = read_metrics(os.path.join(save, "metrics.jsonl"))
+    records = read_metrics(os.path.join(whole, "metrics.jsonl"))
     evals = [r for r in records if "eval/loss" in r]
     assert [r["iteration"] for r in evals] == [4, 8, 12]
     assert evals[-1]["eval/loss/papers"] < evals[0]["eval/loss/papers"] - 0.05
@@ -132,30 +128,25 @@ def test_legacy_cpt_learns_the_new_corpus(rt, data, pretrained, tmp_path):
         [r["loss/papers"] for r in train[:3]])
     assert train[-1]["tokens/papers"] > 5 * train[-1]["tokens/web"]  # the 0.9 / 0.1 blend
     # Adam step continued from the source (spec §2.6): 6 pretraining + 12 CPT updates.
-    assert ic.read_metadata(save)["adam_step"] == 18
+    assert ic.read_metadata(whole)["adam_step"] == 18
 
-
-def test_resume_is_bit_exact(rt, data, pretrained, tmp_path):
-    common = dict(data_file_list=data["mix"], load=pretrained[0], train_iters=8, save_interval=3,
-                  eval_interval=4)
-    whole = str(tmp_path / "whole")
-    loop.run(make_cfg("legacy", save=whole, **common), rt)
+    # Interrupted after 5 iterations, then started again with the same SAVE.
     parts = str(tmp_path / "parts")
     first = loop.run(make_cfg("legacy", save=parts, stop_at_iteration=5, **common), rt)
     assert first.last_iteration == 5
     second = loop.run(make_cfg("legacy", save=parts, **common), rt)
-    assert second.start_iteration == 5 and second.last_iteration == 8
+    assert second.start_iteration == 5 and second.last_iteration == 12
 
     def losses(d):
         return [(r["iteration"], r.get("loss"), r.get("eval/loss"), r.get("lr"))
                 for r in read_metrics(os.path.join(d, "metrics.jsonl"))]
 
     assert losses(parts) == losses(whole)  # exactly equal floats, eval lines included
-    a, b = restored_params(whole), restored_params(parts)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(ic.restore_params(whole)),
+                    jax.tree.leaves(ic.restore_params(parts))):
         np.testing.assert_array_equal(x, y)
-    ma, mb = ic.restore_adam(whole), ic.restore_adam(parts)
-    for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
+    for x, y in zip(jax.tree.leaves(ic.restore_adam(whole)),
+                    jax.tree.leaves(ic.restore_adam(parts))):
         np.testing.assert_array_equal(x, y)
 
 
