@@ -4,16 +4,16 @@
     python scripts/evaluate.py --checkpoint RUN_OR_CKPT --tokens rows.npy --save-logits logits.npy
 
 `--checkpoint` is a converted checkpoint (converters.universal_to_orbax) or a cpt.py --save folder
-(its newest step). The loss is the compiled eval step of training (`agpt_jax.train.build_trainer(...)
-.evaluate`): mean token cross-entropy over the padded vocabulary in fp32, per sequence; a corpus's
-loss is the mean over its sequences (every sequence has seq_length tokens, so this is also the token
-mean) and its perplexity is exp(loss).
+(its newest step). The loss is the compiled eval step of training
+(`agpt_jax.train.build_trainer(...).evaluate`): mean token cross-entropy over the padded
+vocabulary in fp32, per sequence; a corpus's loss is the mean over its sequences (every sequence
+has seq_length tokens, so this is also the token mean) and its perplexity is exp(loss).
 
 What is evaluated (`--split`):
   valid / test  the first `--eval-iters` x `--global-batch-size` samples of that split of the
-                Megatron blend of the DATA_FILE_LIST (the samples a run's first evaluation reads when
-                --data-split, --seed, --train-iters, --eval-interval and the batch size match the
-                run's);
+                Megatron blend of the DATA_FILE_LIST (the samples a run's first evaluation reads
+                when --data-split, --seed, --train-iters, --eval-interval and the batch size
+                match the run's);
   train         the same, from the train split;
   all           one epoch of every listed file, whole (Megatron's sample index over all documents,
                 `--max-samples` per file at most); list weights are ignored.
@@ -57,7 +57,7 @@ class DataOptions:
         global_batch_size: Megatron's --global-batch-size (shapes the blend and the sample count).
         eval_iters: batches evaluated in the valid/test/train splits.
         seed: --seed of the blend.
-        data_split: Megatron's --split ratios, e.g. "969, 30, 1".
+        data_split: Megatron's --split ratios (the run configs use "990,10,0").
         train_iters: --train-iters of the run whose blend to reproduce.
         eval_interval: --eval-interval of that run.
         max_samples: split "all": at most this many samples per file (None: all).
@@ -70,7 +70,7 @@ class DataOptions:
     global_batch_size: int = 8
     eval_iters: int = 10
     seed: int = 1234
-    data_split: str = "969, 30, 1"
+    data_split: str = "990,10,0"
     train_iters: int = 1
     eval_interval: int = 1000
     max_samples: int | None = None
@@ -272,7 +272,7 @@ def _read_all(entries, opts: DataOptions) -> EvalSamples:
         seen.add(e.prefix)
         ds = IndexedDataset(e.prefix)
         documents = np.arange(len(ds), dtype=np.int32)
-        tokens = int(np.sum(ds.sizes)) if hasattr(ds, "sizes") else ds.num_tokens
+        tokens = ds.num_tokens
         n = (tokens - 1) // opts.seq_length
         if n < 1:
             raise EvaluateError(f"--data-file-list {opts.file_list} line {e.line}: {e.prefix} has "
@@ -371,7 +371,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per compiled call (default: --global-batch-size)")
     p.add_argument("--seed", type=int, default=1234, help="Megatron --seed of the blend")
-    p.add_argument("--data-split", default="969, 30, 1", help="Megatron --split ratios")
+    p.add_argument("--data-split", default="990,10,0",
+                   help="Megatron --split ratios (default: the run configs' 990,10,0)")
     p.add_argument("--train-iters", type=int, default=1, help="the run's --train-iters (blend)")
     p.add_argument("--eval-interval", type=int, default=1000, help="the run's --eval-interval")
     p.add_argument("--max-samples", type=int, default=None, help="--split all: samples per file")

@@ -1,4 +1,4 @@
-"""scripts/plot_runs.py: reads metrics.jsonl of several runs, writes one PNG, rejects bad run dirs."""
+"""scripts/plot_runs.py: reads several runs' metrics.jsonl, writes one PNG, rejects bad run dirs."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ plot_runs = _script("plot_runs")
 
 
 def _write_run(folder, peak_lr: float, iters: int = 60, eval_every: int = 20) -> dict:
-    """A metrics.jsonl as cpt.py writes it (train and eval lines, a non-metric line); returns truth."""
+    """A metrics.jsonl as cpt.py writes it (train, eval and a non-metric line); returns truth."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(int(peak_lr * 1e6))
     truth = {"loss": [], "papers": [], "lr": [], "eval": [], "tokens": []}

@@ -1,0 +1,563 @@
+"""The built-in demo: the whole CPT workflow on a CPU in minutes, from text every Python ships.
+
+    python scripts/demo.py --out demo_out [--quick]
+
+Steps, each a call of the real entry point (the equivalent command is printed):
+   1. corpora       "papers" = the language reference topics of pydoc_data.topics, "web" = the
+                    docstrings of the standard library's modules (read with ast, nothing imported)
+   2. tokenizer     a SentencePiece BPE of 2048 pieces trained on both corpora
+   3. preprocess    scripts/preprocess_data.py: both corpora -> Megatron .bin/.idx
+   4. pretrain      scripts/cpt.py configs/pretrain.py:demo on "web", cosine schedule
+   5. export        converters.orbax_to_universal: the "legacy pretrained model" as a Megatron-
+                    DeepSpeed universal checkpoint
+   6. mix           scripts/mix_datasets.py: 0.9 papers + 0.1 web (replay)
+   7. import        converters.universal_to_orbax: the universal checkpoint back to agpt-jax
+   8. legacy CPT    scripts/cpt.py configs/legacy.py:demo: re-warm + cosine on the mix
+   9. const+cool    scripts/cpt.py configs/constant_cooldown.py:demo: constant LR, 1-sqrt cooldown
+  10. convert       both CPT results to a universal checkpoint and an HF Llama folder
+  11. evaluate      scripts/evaluate.py: papers and web loss before and after CPT
+  12. plot          scripts/plot_runs.py: loss per corpus and LR of the CPT runs side by side,
+                    and of the pretraining run
+
+Everything lands under --out (corpora/, tokenizer/, data/, lists/, runs/, checkpoints/,
+megatron/, hf/, eval/, cpt_runs.png, pretrain_run.png, summary.json). `--quick` is a smaller run
+of the same steps (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+MARKER = ".agpt-jax-demo"
+VOCAB_SIZE = 2048  # the "demo" model preset's vocabulary
+DOC_CHARS = 1500  # documents are cut at paragraph ends near this length
+# Data split of every run and of the evaluation: 2% of the documents are held out for validation.
+SPLIT = "98,2,0"
+# Environment variables the run configs read as defaults (configs/common.py); the demo sets every
+# value on the command line and clears these so a launcher environment cannot change the demo.
+_LAUNCHER_ENV = (
+    "SEQ", "DTYPE_COMPUTE", "DATA_FILE_LIST", "SPLIT", "SEED", "LOAD", "SAVE", "SAVE_INTERVAL",
+    "TRAIN_TOKENS", "TRAIN_ITERS", "TRAIN_ITER", "MICRO_BATCH", "GRAD_ACC_STEPS", "GLOBAL_BATCH",
+    "LR", "MIN_LR", "LR_DECAY_STYLE", "LR_WARMUP_FRAC", "LR_WARMUP_FRACTION", "LR_DECAY_ITERS",
+    "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPS", "WEIGHT_DECAY", "CLIP_GRAD", "TP", "EVAL_INTERVAL",
+    "EVAL_ITERS", "LOG_INTERVAL")
+# Standard-library folders that are tests, tools or third-party code rather than documented modules.
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+              "turtledemo", "pydoc_data", "__pycache__", "ensurepip", "tkinter", "config-3"}
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and where its output is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSizes:
+    """Run lengths.
+
+    Attributes:
+        micro_batch: sequences of 128 tokens per iteration (one device, no accumulation).
+        pretrain_iters: pretraining iterations on "web".
+        cpt_iters: iterations of each CPT run on the mix.
+        eval_interval: iterations between evaluations in the runs.
+        eval_iters: validation batches per evaluation (runs and the final evaluation).
+        max_web_files: standard-library files read for "web" (None: all).
+    """
+
+    micro_batch: int
+    pretrain_iters: int
+    cpt_iters: int
+    eval_interval: int
+    eval_iters: int
+    max_web_files: int | None = None
+
+
+FULL = DemoSizes(micro_batch=16, pretrain_iters=300, cpt_iters=150, eval_interval=25,
+                 eval_iters=4)
+QUICK = DemoSizes(micro_batch=4, pretrain_iters=24, cpt_iters=12, eval_interval=12, eval_iters=1,
+                  max_web_files=150)
+
+
+@dataclasses.dataclass
+class Paths:
+    """Where every artifact goes under the output folder."""
+
+    out: str
+
+    def __getattr__(self, name: str) -> str:  # only called for names not set in __init__
+        layout = {
+            "corpora": "corpora", "tokenizer_prefix": "tokenizer/demo",
+            "tokenizer": "tokenizer/demo.model", "data": "data", "lists": "lists",
+            "web_list": "lists/web.txt", "papers_list": "lists/papers.txt",
+            "mix_list": "lists/cpt_mix.txt", "eval_list": "lists/eval.txt",
+            "pretrain_run": "runs/pretrain", "legacy_run": "runs/legacy",
+            "cc_run": "runs/constant_cooldown", "universal": "megatron/legacy_pretrained",
+            "imported": "checkpoints/legacy_pretrained", "megatron": "megatron",
+            "hf": "hf", "eval": "eval", "plot": "cpt_runs.png",
+            "pretrain_plot": "pretrain_run.png", "summary": "summary.json",
+        }
+        if name not in layout:
+            raise AttributeError(name)
+        return os.path.join(self.out, layout[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: corpora.
+
+
+def chunk_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
+    """Cut text into documents at paragraph ends, each at most ~max_chars (a longer paragraph is
+    a document of its own)."""
+    docs, current = [], ""
+    for para in (p.strip() for p in text.split("\n\n")):
+        if not para:
+            continue
+        if current and len(current) + len(para) + 2 > max_chars:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current:
+        docs.append(current)
+    return docs
+
+
+def papers_documents() -> Iterator[str]:
+    """The language reference topics of pydoc_data.topics (what `help('topic')` shows)."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield from chunk_text(topics[name])
+
+
+def _stdlib_files(limit: int | None) -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-"))
+        files.extend(os.path.join(folder, n) for n in sorted(names) if n.endswith(".py"))
+    return files[:limit] if limit else files
+
+
+def module_documentation(path: str) -> str | None:
+    """The docstrings of one module: the module's, then each public class and function's.
+
+    Read with ast, so nothing is imported (some modules act on import). None when the file has
+    no module docstring or cannot be parsed.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    doc = ast.get_docstring(tree)
+    if not doc:
+        return None
+    parts = [doc]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not (
+                node.name.startswith("_")):
+            d = ast.get_docstring(node)
+            if d:
+                parts.append(f"{node.name}: {d}")
+    return "\n\n".join(parts)
+
+
+def web_documents(max_files: int | None = None) -> Iterator[str]:
+    """Module documentation of the standard library's .py files, in path order."""
+    for path in _stdlib_files(max_files):
+        text = module_documentation(path)
+        if text:
+            yield from chunk_text(text)
+
+
+def write_jsonl(path: str, documents: Iterator[str]) -> tuple[int, int]:
+    """One {"text": ...} line per document; returns (documents, characters)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    n = chars = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in documents:
+            f.write(json.dumps({"text": doc}) + "\n")
+            n += 1
+            chars += len(doc)
+    return n, chars
+
+
+# ----------------------------------------------------------------------------------------------
+# Step runner.
+
+
+class Demo:
+    """Runs the steps in order, printing what each did, where, and how long it took."""
+
+    def __init__(self, out: str, sizes: DemoSizes, total_steps: int = 12) -> None:
+        self.paths = Paths(os.path.abspath(out))
+        self.sizes = sizes
+        self.total = total_steps
+        self.n = 0
+        self.times: list[tuple[str, float]] = []
+        self.summary: dict[str, Any] = {}
+
+    def step(self, title: str, body: Callable[[], Sequence[str]]) -> None:
+        """Run one step; `body` returns lines describing its outputs."""
+        self.n += 1
+        print(f"\n[{self.n}/{self.total}] {title}", flush=True)
+        start = time.perf_counter()
+        lines = body()
+        seconds = time.perf_counter() - start
+        self.times.append((title, seconds))
+        for line in lines:
+            print(f"      {line}")
+        print(f"      done in {seconds:.1f} s", flush=True)
+
+    def call(self, what: str, main: Callable[[list[str]], int], argv: list[str],
+             command: str) -> str:
+        """Call a script's `main(argv)` in this process; returns its stdout (also echoed)."""
+        print(f"      $ {command} {shlex.join(argv)}", flush=True)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(argv)
+        text = buf.getvalue()
+        if rc != 0:
+            sys.stdout.write(text)
+            raise DemoError(f"{what}: {command} exited with {rc} (its error is above)")
+        return text
+
+    def cpt(self, what: str, config: str, overrides: dict[str, Any], log: str) -> None:
+        """Run scripts/cpt.py in a subprocess (a training run is its own process, as for users)."""
+        argv = [os.path.join(REPO, "scripts", "cpt.py"), f"--config={config}"]
+        argv += [f"--config.{k}={v}" for k, v in overrides.items()]
+        argv += ["--num_cpu_devices=1"]
+        print(f"      $ python {shlex.join(argv)}", flush=True)
+        print(f"      (log: {log})", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        # One CPU device: the demo's batch of 16 sequences is one micro-batch on one device.
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT, check=False)
+        if proc.returncode != 0:
+            with open(log) as f:
+                tail = f.read().splitlines()[-15:]
+            raise DemoError(f"{what}: scripts/cpt.py exited with {proc.returncode}; last lines "
+                            f"of {log}:\n" + "\n".join(tail))
+
+
+def _last_metrics(run_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The last train line and the last eval line of a run's metrics.jsonl."""
+    train, ev = {}, {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                train = rec
+            elif "eval/loss" in rec:
+                ev = rec
+    return train, ev
+
+
+def _first_metrics(run_dir: str) -> dict[str, Any]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                return rec
+    return {}
+
+
+def _describe_run(run_dir: str) -> list[str]:
+    first, (last, ev) = _first_metrics(run_dir), _last_metrics(run_dir)
+    lines = [f"run folder {run_dir} (config.json, metrics.jsonl, lr_schedule.csv, checkpoints/)",
+             f"iterations {last.get('iteration')}, tokens {last.get('tokens')}: train loss "
+             f"{first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f}, "
+             f"final lr {last.get('lr', float('nan')):.2e}, {last.get('tokens_per_s', 0):.0f} "
+             f"tokens/s"]
+    if ev:
+        per = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(ev.items())
+                        if k.startswith("eval/loss/"))
+        lines.append(f"last eval loss {ev['eval/loss']:.3f} ({per})")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps.
+
+
+def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
+    """All steps; returns the summary also written to OUT/summary.json."""
+    import converters.orbax_to_hf as orbax_to_hf
+    import converters.orbax_to_universal as orbax_to_universal
+    import converters.universal_to_orbax as universal_to_orbax
+    import evaluate
+    import mix_datasets
+    import plot_runs
+    import preprocess_data
+
+    demo = Demo(out, sizes)
+    p = demo.paths
+    t_start = time.perf_counter()
+    corpora = {}
+
+    def corpora_step() -> list[str]:
+        lines = []
+        for name, docs in (("papers", papers_documents()),
+                           ("web", web_documents(sizes.max_web_files))):
+            path = os.path.join(p.corpora, f"{name}.jsonl")
+            n, chars = write_jsonl(path, docs)
+            corpora[name] = path
+            lines.append(f"{name}: {n} documents, {chars / 1e3:.0f}K characters -> {path}")
+        return lines
+
+    demo.step("Build two corpora from the Python installation", corpora_step)
+
+    def tokenizer_step() -> list[str]:
+        import sentencepiece as spm
+
+        os.makedirs(os.path.dirname(p.tokenizer_prefix), exist_ok=True)
+        text = os.path.join(p.corpora, "tokenizer_train.txt")
+        with open(text, "w", encoding="utf-8") as f:
+            for path in corpora.values():
+                with open(path, encoding="utf-8") as src:
+                    for line in src:
+                        f.write(json.loads(line)["text"] + "\n")
+        print("      SentencePiece BPE, Llama's special ids: unk 0, <s> 1, </s> 2", flush=True)
+        spm.SentencePieceTrainer.train(
+            input=text, model_prefix=p.tokenizer_prefix, vocab_size=VOCAB_SIZE, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+            input_sentence_size=200_000, shuffle_input_sentence=True, num_threads=2,
+            minloglevel=2)
+        os.remove(text)
+        return [f"vocabulary {VOCAB_SIZE} -> {p.tokenizer}"]
+
+    demo.step("Train a tokenizer", tokenizer_step)
+
+    prefixes = {}
+
+    def preprocess_step() -> list[str]:
+        lines = []
+        for name, path in corpora.items():
+            argv = ["--input", path, "--output-prefix", os.path.join(p.data, name),
+                    "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", p.tokenizer,
+                    "--append-eod", "--log-interval", "100000"]
+            text = demo.call(f"preprocess {name}", preprocess_data.main, argv,
+                             "python scripts/preprocess_data.py")
+            prefixes[name] = os.path.join(p.data, f"{name}_text_document")
+            lines.append(f"{name}: {text.splitlines()[0].strip()}")
+            lines.append(f"  -> {prefixes[name]}.bin / .idx")
+        os.makedirs(p.lists, exist_ok=True)
+        for name, list_path in (("web", p.web_list), ("papers", p.papers_list)):
+            with open(list_path, "w") as f:
+                f.write(f"1.0 {prefixes[name]} {name}\n")
+            lines.append(f"DATA_FILE_LIST {list_path}")
+        with open(p.eval_list, "w") as f:
+            f.write(f"1.0 {prefixes['papers']} papers\n1.0 {prefixes['web']} web\n")
+        return lines
+
+    demo.step("Tokenize both corpora into Megatron .bin/.idx", preprocess_step)
+
+    common = {"split": SPLIT, "eval_interval": sizes.eval_interval,
+              "eval_iters": sizes.eval_iters, "train_tokens": 0, "global_batch": 0,
+              "micro_batch": sizes.micro_batch, "grad_acc_steps": 1, "progress_bar": False,
+              "log_interval": 10}
+
+    def pretrain_step() -> list[str]:
+        demo.cpt("pretrain", "configs/pretrain.py:demo",
+                 dict(common, data_file_list=p.web_list, save=p.pretrain_run,
+                      train_iters=sizes.pretrain_iters,
+                      save_interval=sizes.pretrain_iters),
+                 os.path.join(p.pretrain_run + ".log"))
+        return _describe_run(p.pretrain_run)
+
+    demo.step("Pretrain the demo model on 'web' (cosine schedule)", pretrain_step)
+
+    def export_step() -> list[str]:
+        os.makedirs(os.path.dirname(p.universal), exist_ok=True)
+        demo.call("export", orbax_to_universal.main, ["--load", p.pretrain_run, "--save",
+                                                      p.universal],
+                  "python -m converters.orbax_to_universal")
+        return [f"universal checkpoint (DeepSpeed ds_to_universal layout) -> {p.universal}"]
+
+    demo.step("Export it as the 'legacy pretrained model' (Megatron universal checkpoint)",
+              export_step)
+
+    def mix_step() -> list[str]:
+        text = demo.call("mix", mix_datasets.main,
+                         ["--inputs", "0.9", p.papers_list, "0.1", p.web_list],
+                         "python scripts/mix_datasets.py")
+        with open(p.mix_list, "w") as f:
+            f.write(text)
+        return [f"0.9 papers + 0.1 web replay -> {p.mix_list}"] + [
+            "  " + line for line in text.splitlines()]
+
+    demo.step("Mix the CPT data: 0.9 papers + 0.1 web", mix_step)
+
+    def import_step() -> list[str]:
+        os.makedirs(os.path.dirname(p.imported), exist_ok=True)
+        demo.call("import", universal_to_orbax.main, ["--load", p.universal, "--save",
+                                                      p.imported],
+                  "python -m converters.universal_to_orbax")
+        return [f"agpt-jax checkpoint (params, Adam moments and step, metadata) -> {p.imported}"]
+
+    demo.step("Convert the universal checkpoint to agpt-jax", import_step)
+
+    cpt = dict(common, data_file_list=p.mix_list, load=p.imported, train_iters=sizes.cpt_iters,
+               save_interval=sizes.cpt_iters)
+
+    def legacy_step() -> list[str]:
+        demo.cpt("legacy CPT", "configs/legacy.py:demo", dict(cpt, save=p.legacy_run),
+                 p.legacy_run + ".log")
+        return _describe_run(p.legacy_run)
+
+    demo.step("Legacy CPT: re-warm + cosine on the mix", legacy_step)
+
+    def cc_step() -> list[str]:
+        print("      the pretrained model ended its cosine at a low LR; the constant recipe "
+              "refuses such a source unless told (allow_cooled_down_source)", flush=True)
+        demo.cpt("constant+cooldown CPT", "configs/constant_cooldown.py:demo",
+                 dict(cpt, save=p.cc_run, allow_cooled_down_source=True),
+                 p.cc_run + ".log")
+        return _describe_run(p.cc_run)
+
+    demo.step("Constant LR + cooldown CPT on the mix", cc_step)
+
+    def convert_step() -> list[str]:
+        lines = []
+        for name, run in (("legacy", p.legacy_run), ("constant_cooldown", p.cc_run)):
+            meg = os.path.join(p.megatron, name)
+            hf = os.path.join(p.hf, name)
+            os.makedirs(p.hf, exist_ok=True)
+            demo.call(f"convert {name}", orbax_to_universal.main, ["--load", run, "--save", meg],
+                      "python -m converters.orbax_to_universal")
+            demo.call(f"convert {name}", orbax_to_hf.main,
+                      ["--load", run, "--save", hf, "--tokenizer", p.tokenizer],
+                      "python -m converters.orbax_to_hf")
+            lines += [f"{name}: Megatron universal -> {meg}", f"{name}: HF Llama -> {hf}"]
+        return lines
+
+    demo.step("Convert the CPT results to Megatron and HF form", convert_step)
+
+    results: dict[str, dict[str, Any]] = {}
+
+    def evaluate_step() -> list[str]:
+        os.makedirs(p.eval, exist_ok=True)
+        models = (("pretrained (before CPT)", "pretrained", p.imported),
+                  ("legacy CPT", "legacy", p.legacy_run),
+                  ("constant+cooldown CPT", "constant_cooldown", p.cc_run))
+        for _, key, ckpt in models:
+            out_json = os.path.join(p.eval, f"{key}.json")
+            demo.call(f"evaluate {key}", evaluate.main,
+                      ["--checkpoint", ckpt, "--data-file-list", p.eval_list, "--split", "valid",
+                       "--data-split", SPLIT, "--global-batch-size", "16", "--eval-iters",
+                       str(2 * sizes.eval_iters), "--json", out_json],
+                      "python scripts/evaluate.py")
+            with open(out_json) as f:
+                results[key] = json.load(f)["results"]
+        lines = [f"validation documents ({SPLIT} split) of each corpus, "
+                 f"{2 * sizes.eval_iters * 16} samples; loss in nats/token (perplexity):",
+                 f"{'model':<24}{'papers':>18}{'web':>18}"]
+        for title, key, _ in models:
+            r = results[key]
+            lines.append(f"{title:<24}" + "".join(
+                f"{r[c]['loss']:>9.3f} ({r[c]['perplexity']:>6.1f})" for c in ("papers", "web")))
+        lines.append(f"per-model JSON in {p.eval}")
+        return lines
+
+    demo.step("Evaluate papers and web loss before and after CPT", evaluate_step)
+
+    def plot_step() -> list[str]:
+        lines = []
+        for runs, png, title in (
+                ([p.legacy_run, p.cc_run], p.plot,
+                 "CPT of the legacy pretrained model on 0.9 papers + 0.1 web"),
+                ([p.pretrain_run], p.pretrain_plot, "pretraining of the demo model on web")):
+            text = demo.call("plot", plot_runs.main,
+                             [*runs, "--out", png, "--smooth", "5", "--title", title],
+                             "python scripts/plot_runs.py")
+            lines += text.splitlines()
+        return lines
+
+    demo.step("Plot the runs", plot_step)
+
+    total = time.perf_counter() - t_start
+    before, legacy, cc = (results[k] for k in ("pretrained", "legacy", "constant_cooldown"))
+    summary = {
+        "out": p.out, "sizes": dataclasses.asdict(sizes), "seconds_total": total,
+        "steps": [{"step": t, "seconds": s} for t, s in demo.times],
+        "loss": {k: {c: results[k][c]["loss"] for c in ("papers", "web", "total")}
+                 for k in results},
+        "paths": {"tokenizer": p.tokenizer, "mix_list": p.mix_list, "runs": [
+            p.pretrain_run, p.legacy_run, p.cc_run], "universal_pretrained": p.universal,
+            "megatron": p.megatron, "hf": p.hf, "plot": p.plot,
+            "pretrain_plot": p.pretrain_plot},
+    }
+    with open(p.summary, "w") as f:
+        json.dump(summary, f, indent=1)
+    print("\nSummary")
+    for title, s in demo.times:
+        print(f"  {s:7.1f} s  {title}")
+    print(f"  {total:7.1f} s  total")
+    print(f"  papers loss {before['papers']['loss']:.3f} -> legacy {legacy['papers']['loss']:.3f}"
+          f", constant+cooldown {cc['papers']['loss']:.3f} (learning the new corpus)")
+    print(f"  web loss    {before['web']['loss']:.3f} -> legacy {legacy['web']['loss']:.3f}, "
+          f"constant+cooldown {cc['web']['loss']:.3f} (forgetting, held back by the 10% replay)")
+    print(f"  plots {p.plot}, {p.pretrain_plot}; summary {p.summary}")
+    return summary
+
+
+def prepare_out(out: str, overwrite: bool) -> None:
+    """Create OUT; an existing non-empty OUT must be an earlier demo's and --overwrite given."""
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(os.path.join(out, MARKER)):
+            raise DemoError(f"--out {out}: exists, is not empty and was not written by the demo; "
+                            "choose a new folder")
+        if not overwrite:
+            raise DemoError(f"--out {out}: holds an earlier demo; pass --overwrite to replace it "
+                            "or choose a new folder")
+        shutil.rmtree(out)
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise DemoError(f"--out {out}: is a file; choose a folder")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("written by scripts/demo.py\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--out", required=True, help="folder for everything the demo writes")
+    p.add_argument("--quick", action="store_true", help="shorter runs (a smoke test, ~2 min)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's --out")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    try:
+        prepare_out(args.out, args.overwrite)
+        run_demo(args.out, sizes)
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
