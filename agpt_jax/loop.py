@@ -291,6 +291,32 @@ def _param_groups(cfg: RunConfig, source_groups: list[dict[str, Any]] | None,
     return groups
 
 
+def _megatron_args(cfg: RunConfig, iteration: int) -> dict[str, Any]:
+    """The Megatron-DeepSpeed args of this run (the names of megatron/arguments.py), so that
+    converters.orbax_to_universal can write a checkpoint Megatron loads (spec §1.2-1.4)."""
+    m, s, b = cfg.model, cfg.schedule, cfg.batch
+    return {
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+        "ffn_hidden_size": m.ffn_hidden_size, "seq_length": b.seq_length,
+        "max_position_embeddings": 16 * b.seq_length,  # helpers.sh passes 16*SEQ
+        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "padded_vocab_size": m.padded_vocab_size,
+        "tensor_model_parallel_size": m.tensor_parallel_for_padding,
+        "pipeline_model_parallel_size": 1, "rope_theta": m.rope_theta,
+        "layernorm_epsilon": m.norm_eps, "init_method_std": m.init_std, "swiglu": True,
+        "normalization": "rmsnorm", "untie_embeddings_and_output_weights": True,
+        "add_bias_linear": False, "use_rotary_position_embeddings": True,
+        "bf16": m.compute_dtype == "bfloat16", "iteration": iteration,
+        "train_iters": cfg.train_iters, "global_batch_size": b.global_batch_size,
+        "micro_batch_size": b.micro_batch, "lr": s.max_lr, "min_lr": s.min_lr,
+        "lr_decay_style": s.style, "lr_warmup_fraction": s.warmup_fraction,
+        "lr_decay_iters": s.decay_iters, "seed": cfg.data.seed,
+        "adam_beta1": cfg.optim.beta1, "adam_beta2": cfg.optim.beta2, "adam_eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay, "clip_grad": cfg.optim.clip_grad,
+    }
+
+
 def _metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: int, adam_step: int,
               lr: float) -> dict[str, Any]:
     keep = ("name_scheme", "megatron_args", "checkpoint_version", "universal_checkpoint_info",
@@ -303,6 +329,9 @@ def _metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: int, adam_
         "original_vocab_size": cfg.model.vocab_size,
         "padded_vocab_size": cfg.model.padded_vocab_size,
         "param_groups": _param_groups(cfg, source_meta.get("param_groups"), lr),
+        # The source's args (a legacy run's full flag set) updated with this run's values.
+        "megatron_args": {**(source_meta.get("megatron_args") or {}),
+                          **_megatron_args(cfg, iteration)},
         "run_config": cfg.to_json(),
     })
     return meta
@@ -442,7 +471,7 @@ def _evaluate(cfg: RunConfig, rt: Runtime, trainer, params, valid, index: int,
 # runs several times with the same model, schedule and batch (a resume, a sweep, the tests)
 # compiles once.
 _TRAINERS: dict[tuple, train_lib.CompiledTrainer] = {}
-_MAX_TRAINERS = 2
+_MAX_TRAINERS = 4
 
 
 def _trainer(cfg: RunConfig, rt: Runtime) -> train_lib.CompiledTrainer:

@@ -8,6 +8,7 @@ progressions ("papers" step 3, "web" step 7), which a tiny model learns within a
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import signal
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from agpt_jax import checkpoint as ckpt_lib
 from agpt_jax import config as config_lib
 from agpt_jax import init_checkpoint as ic
 from agpt_jax import loop, runtime
@@ -113,9 +115,12 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
                                [r["lr"] for r in records], rtol=1e-6, atol=1e-12)
 
 
+LEGACY = dict(train_iters=12, eval_interval=4, save_interval=3, lr=3e-3)
+
+
+@pytest.mark.slow
 def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path):
-    common = dict(data_file_list=data["mix"], load=pretrained[0], train_iters=12,
-                  eval_interval=4, save_interval=3, lr=3e-3)
+    common = dict(data_file_list=data["mix"], load=pretrained[0], **LEGACY)
     whole = str(tmp_path / "whole")
     result = loop.run(make_cfg("legacy", save=whole, **common), rt)
     assert result.start_iteration == 0 and result.last_iteration == 12  # iteration reset to 0
@@ -148,6 +153,59 @@ def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path)
     for x, y in zip(jax.tree.leaves(ic.restore_adam(whole)),
                     jax.tree.leaves(ic.restore_adam(parts))):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_universal_load_is_converted_once_and_continues_identically(rt, data, pretrained,
+                                                                    tmp_path):
+    from converters import orbax_to_universal
+
+    universal = orbax_to_universal.convert(pretrained[0], str(tmp_path / "megatron"),
+                                           progress=False)
+    runs = {}
+    for name, load in (("orbax", pretrained[0]), ("universal", str(tmp_path / "megatron"))):
+        runs[name] = str(tmp_path / name)
+        loop.run(make_cfg("legacy", data_file_list=data["mix"], load=load, save=runs[name],
+                          stop_at_iteration=2, **LEGACY), rt)
+    assert os.path.isfile(os.path.join(runs["universal"], loop.CONVERTED_INIT,
+                                       "_CHECKPOINT_METADATA")), universal
+    assert not os.path.exists(os.path.join(runs["orbax"], loop.CONVERTED_INIT))
+    # The converted start equals the source on the real vocabulary; the padding rows come back
+    # as zeros, as DeepSpeed pads vocabulary tensors on a universal load (spec §3.6).
+    src = ic.restore_params(pretrained[0])
+    got = ic.restore_params(os.path.join(runs["universal"], loop.CONVERTED_INIT))
+    v = make_cfg("pretrain", data_file_list="x", save="x").model.vocab_size
+    np.testing.assert_array_equal(got["embed"]["embedding"][:v], src["embed"]["embedding"][:v])
+    np.testing.assert_array_equal(got["lm_head"]["kernel"][:, :v], src["lm_head"]["kernel"][:, :v])
+    assert not np.any(got["embed"]["embedding"][v:]) and not np.any(got["lm_head"]["kernel"][:, v:])
+    for x, y in zip(jax.tree.leaves(src["layers"]), jax.tree.leaves(got["layers"])):
+        np.testing.assert_array_equal(x, y)
+    one, two = (read_metrics(os.path.join(runs[n], "metrics.jsonl")) for n in runs)
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-3)
+    assert ic.read_metadata(runs["universal"])["adam_step"] == 6 + 2
+
+
+@pytest.mark.slow
+def test_cooldown_branch_continues_the_constant_run(rt, data, pretrained, tmp_path):
+    constant = str(tmp_path / "constant")
+    loop.run(make_cfg("constant_cooldown", data_file_list=data["mix"], load=pretrained[0],
+                      save=constant, cooldown_frac=0.0, train_iters=6, lr=1e-4,
+                      save_interval=3), rt)
+    records = [r for r in read_metrics(os.path.join(constant, "metrics.jsonl")) if "loss" in r]
+    assert [r["lr"] for r in records] == pytest.approx([1e-4] * 6)  # constant, no warmup
+    branch = str(tmp_path / "branch")
+    cfg = make_cfg("cooldown", data_file_list=data["mix"], load=constant, save=branch, lr=1e-4,
+                   min_lr=1e-5)
+    assert cfg.train_iters == cfg.cooldown_tokens // 32 // 16 == 4
+    loop.run(cfg, rt)
+    lrs = [r["lr"] for r in read_metrics(os.path.join(branch, "metrics.jsonl")) if "loss" in r]
+    assert lrs[0] == pytest.approx(1e-4) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(1e-5 + 9e-5 * (1 - np.sqrt(3 / 4)), rel=1e-5)  # 1-sqrt
+    step = ic.resolve_checkpoint_dir(branch)
+    progress = ckpt_lib.read_progress(step)
+    assert progress.data_start_iteration == 6 and progress.iteration == 4
+    with open(os.path.join(step, "data", "metadata")) as f:
+        assert json.load(f)["next_iteration"] == 10  # the source's stream, continued
 
 
 def test_constant_cooldown_refuses_a_cooled_down_source(rt, data, pretrained, tmp_path):
@@ -249,14 +307,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(rt, data, tmp_path):
-    over = dict(data_file_list=data["mix"], train_iters=4, eval_interval=2)
-    single = str(tmp_path / "one")
-    loop.run(make_cfg("pretrain", save=single, **over), rt)
+def test_two_processes_match_one(data, pretrained, tmp_path):
+    # The same run as the `pretrained` fixture (1 process x 8 devices), as 2 processes x 4.
+    single = pretrained[0]
     double = str(tmp_path / "two")
     port = _free_port()
-    args = [f"--config.data_file_list={data['mix']}", f"--config.save={double}",
-            "--config.train_iters=4", "--config.eval_interval=2", "--config.progress_bar=False"]
+    args = [f"--config.data_file_list={data['web']}", f"--config.save={double}",
+            "--config.train_iters=6", "--config.progress_bar=False"]
     procs = [subprocess.Popen(
         [sys.executable, CPT, "--config", "configs/pretrain.py:smoke",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
@@ -275,7 +332,7 @@ def test_two_processes_match_one(rt, data, tmp_path):
     two = read_metrics(os.path.join(double, "metrics.jsonl"))
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two]
     for a, b in zip(one, two):
-        for key in ("loss", "eval/loss", "loss/papers", "eval/loss/web", "lr"):
+        for key in ("loss", "eval/loss", "loss/web", "eval/loss/web", "lr", "grad_norm"):
             if key in a:
                 np.testing.assert_allclose(b[key], a[key], rtol=2e-6, err_msg=key)
     for x, y in zip(jax.tree.leaves(ic.restore_params(single)),
