@@ -251,7 +251,11 @@ def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
 
 
 def _trace_op_times(trace_dir: str) -> dict[str, float]:
-    """Sums the durations (ms) of XLA op events in a jax.profiler trace, by event name."""
+    """Sums the durations (ms) of non-Python events in a jax.profiler trace, by event name.
+
+    With the thunk runtime the trace holds one event per XLA op (named as in the HLO dump, e.g.
+    `dot.12`, `fusion.3`); the non-thunk runtime records only whole executions.
+    """
     import glob
     import gzip
 
@@ -261,7 +265,7 @@ def _trace_op_times(trace_dir: str) -> dict[str, float]:
         with gzip.open(path, "rt") as f:
             events = json.load(f).get("traceEvents", [])
         for e in events:
-            if e.get("ph") == "X" and "dur" in e:
+            if e.get("ph") == "X" and "dur" in e and not str(e.get("name", "$")).startswith("$"):
                 totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"] / 1e3
     return totals
 
