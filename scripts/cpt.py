@@ -93,5 +93,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<key>` flag whose key the configs do not have, if any."""
+    from agpt_jax.config import KEYS
+
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key.split(".")[0] not in KEYS:
+                return arg
+    return None
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    try:
+        app.run(lambda argv: sys.exit(main(argv)))
+    except (AttributeError, KeyError) as err:
+        # A locked ConfigDict rejects unknown `--config.<key>` overrides while flags are parsed,
+        # before main() runs.
+        flag = _unknown_override(sys.argv)
+        if flag is None or "--debug" in sys.argv:
+            raise
+        print(f"cpt.py: config error: unknown config key in {flag.split('=', 1)[0]} ({err}); "
+              "the keys are those of configs/common.py", file=sys.stderr)
+        sys.exit(1)

@@ -268,6 +268,12 @@ def test_cli_config_error_is_one_line(data, tmp_path):
     assert any("LOAD is empty" in ln for ln in errors)
     assert any("GLOBAL_BATCH=16" in ln for ln in errors)
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, CPT, "--config", "configs/legacy.py:smoke",
+                           "--config.learning_rate=1"],
+                          cwd=ROOT, env=_child_env(8), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "cpt.py: config error: unknown config key in --config.learning_rate")
 
 
 @pytest.mark.slow
