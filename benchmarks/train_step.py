@@ -487,7 +487,7 @@ def profile(args: argparse.Namespace) -> None:
     out_dir = os.path.abspath(args.profile)
     os.makedirs(out_dir, exist_ok=True)
     dump = os.path.join(out_dir, "xla_dump")
-    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"
+    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text"
     peak = run_child(Variant("peak", "jax_peak", v.dtype, v.thunk), args)["peak"]
     r = run_child(v, args, extra_flags=flags, profile_dir=out_dir)
     step = statistics.median(r["step_s"])
