@@ -1,10 +1,10 @@
 """Train-step benchmark: agpt-jax's compiled step on `bench_125m` vs HF transformers + torch AdamW.
 
-One step is one full iteration of `agpt_jax.train.build_trainer`'s step: forward, backward, global
-gradient-norm clipping at 1.0 and AdamW (Megatron parameter groups) on `bench_125m` (12 layers, hidden
-768, 12 heads, 4 kv heads, SwiGLU 2048, vocab 32000, seq 1024, micro-batch 2 = 2048 tokens). The
-baseline trains the same shapes with HF `LlamaForCausalLM` (untied, no bias, GQA 12/4, sdpa attention),
-`torch.optim.AdamW` with two parameter groups and `clip_grad_norm_(1.0)`, in fp32 and under bf16
+One step is one full iteration of `agpt_jax.train.build_trainer`'s step: forward, backward,
+global gradient-norm clipping at 1.0 and AdamW (Megatron parameter groups) on `bench_125m` (12
+layers, hidden 768, 12 heads, 4 kv heads, SwiGLU 2048, vocab 32000, seq 1024, micro-batch 2 = 2048 tokens). The
+baseline trains the same shapes with HF `LlamaForCausalLM` (untied, no bias, GQA 12/4, sdpa
+attention), `torch.optim.AdamW` with two parameter groups and `clip_grad_norm_(1.0)`, in fp32 and under bf16
 autocast, on the same machine in the same run.
 
 The ceiling is measured in the same run too: the median GFLOP/s of jitted square matmuls (2048^3 and
@@ -51,7 +51,8 @@ class Variant:
         name: table label.
         kind: "jax" (agpt-jax train step), "torch" (HF + torch AdamW), "jax_peak" or "torch_peak"
             (square matmul ceilings).
-        dtype: "float32" or "bfloat16": the JAX compute dtype, torch autocast dtype, or matmul dtype.
+        dtype: "float32" or "bfloat16": the JAX compute dtype, torch autocast dtype, or matmul
+            dtype.
         thunk: XLA's CPU thunk runtime on (jax 0.5.0 default) or off (`THUNK_OFF`).
         attention: agpt_jax attention implementation ("xla" | "blockwise").
         scan_layers: rolled nn.scan over the layers (True) or unrolled (False).
@@ -137,7 +138,11 @@ def child_torch_peak(v: Variant, quick: bool) -> dict[str, Any]:
 
 
 def _jax_setup(v: Variant):
-    """Builds the real agpt-jax trainer for bench_125m on one CPU device; returns (trainer, batch)."""
+    """Builds the real agpt-jax trainer for bench_125m on one CPU device.
+
+    Returns:
+        (model config, CompiledTrainer, batch of int32 [2, 1024] tokens and labels).
+    """
     import jax
     import numpy as np
 
@@ -161,7 +166,7 @@ def _jax_setup(v: Variant):
 
 
 def _time_steps(step, state, batch, warmup: int, steps: int):
-    """Runs warmup + steps iterations of `step`; returns (state, first_s, [timed seconds], losses)."""
+    """Runs warmup + steps iterations; returns (state, first_s, [timed seconds], losses)."""
     import jax
 
     times, losses, first = [], [], 0.0
@@ -394,7 +399,8 @@ def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [ln for ln in out.splitlines() if ln.startswith(_RESULT)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"variant {v.name!r} failed (exit {proc.returncode}); its output:\n{out}")
+        raise RuntimeError(
+            f"variant {v.name!r} failed (exit {proc.returncode}); its output:\n{out}")
     result = json.loads(lines[-1][len(_RESULT):])
     result["rss_gib"] = usage.ru_maxrss / 2**20
     result["wall_s"] = time.perf_counter() - t
