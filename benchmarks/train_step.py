@@ -2,10 +2,10 @@
 
 One step is one full iteration of `agpt_jax.train.build_trainer`'s step: forward, backward,
 global gradient-norm clipping at 1.0 and AdamW (Megatron parameter groups) on `bench_125m` (12
-layers, hidden 768, 12 heads, 4 kv heads, SwiGLU 2048, vocab 32000, seq 1024, micro-batch 2 = 2048 tokens). The
-baseline trains the same shapes with HF `LlamaForCausalLM` (untied, no bias, GQA 12/4, sdpa
-attention), `torch.optim.AdamW` with two parameter groups and `clip_grad_norm_(1.0)`, in fp32 and under bf16
-autocast, on the same machine in the same run.
+layers, hidden 768, 12 heads, 4 kv heads, SwiGLU 2048, vocab 32000, seq 1024, micro-batch 2 =
+2048 tokens). The baseline trains the same shapes with HF `LlamaForCausalLM` (untied, no bias, GQA
+12/4, sdpa attention), `torch.optim.AdamW` with two parameter groups and `clip_grad_norm_(1.0)`, in
+fp32 and under bf16 autocast, on the same machine in the same run.
 
 The ceiling is measured in the same run too: the median GFLOP/s of jitted square matmuls (2048^3 and
 4096^3) under the same XLA flags as each JAX variant, in the dtype of that variant's compute. MFU is
