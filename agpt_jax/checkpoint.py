@@ -22,7 +22,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from agpt_jax import init_checkpoint as ic
@@ -166,9 +165,3 @@ def read_progress(step_dir: str) -> TrainProgress | None:
         return None
     with open(path) as f:
         return TrainProgress.from_json(json.load(f))
-
-
-def abstract_like(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs (with shardings) of a tree of jax Arrays or ShapeDtypeStructs."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                        tree)

@@ -253,7 +253,7 @@ def from_config(config: Mapping[str, Any], device_count: int,
                         "configs/common.py:base_config")
     if problems:
         raise ConfigError(problems)
-    notes = [f"lr_warmup_frac={c['lr_warmup_frac']}: {c['lr_warmup_frac_note']}"]
+    notes = [f"lr_warmup_frac={c['lr_warmup_frac']} (environment: {c['lr_warmup_frac_note']})"]
 
     recipe = c["recipe"]
     if recipe not in RECIPES:

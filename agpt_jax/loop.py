@@ -541,7 +541,12 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
     losses: dict[int, float] = {}
     times: list[float] = []
     last_ckpt, signalled = None, False
-    logging.info("training iterations %d..%d of %d", it + 1, cfg.last_iteration, cfg.train_iters)
+    if it >= cfg.last_iteration:
+        logging.warning("%s already holds iteration %d of %d: nothing to train", cfg.run_dir, it,
+                        cfg.train_iters)
+    else:
+        logging.info("training iterations %d..%d of %d", it + 1, cfg.last_iteration,
+                     cfg.train_iters)
 
     def save(wait: bool) -> str:
         adam_count, mu, nu = optim.adam_state(state.opt_state)

@@ -22,7 +22,8 @@ LAUNCHER_VARS = ("DATA_FILE_LIST", "LOAD", "SAVE", "TRAIN_TOKENS", "TRAIN_ITERS"
 
 
 def load_config(recipe: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{recipe}", ROOT / "configs" / f"{recipe}.py")
+    path = ROOT / "configs" / f"{recipe}.py"
+    spec = importlib.util.spec_from_file_location(f"cfg_{recipe}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)

@@ -33,7 +33,8 @@ CPT = str(ROOT / "scripts" / "cpt.py")
 
 
 def load_config(recipe: str, arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{recipe}", ROOT / "configs" / f"{recipe}.py")
+    path = ROOT / "configs" / f"{recipe}.py"
+    spec = importlib.util.spec_from_file_location(f"cfg_{recipe}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
