@@ -566,10 +566,15 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
         while it < cfg.last_iteration:
             data_it = p.data_start_iteration + it
             local = next(train_iter)
-            state, m = trainer.step(state, _to_device(trainer, local))
-            scalars = {k: float(np.asarray(m[k])) for k in ("loss", "grad_norm", "lr",
-                                                             "update_norm", "param_norm")}
-            skipped = int(np.asarray(m["skipped"]))
+            batch = _to_device(trainer, local)
+            # The step's inputs are all on device already; a host array here would be a bug
+            # (an implicit transfer every iteration), so the guard turns it into an error.
+            with jax.transfer_guard_host_to_device("disallow"):
+                state, m = trainer.step(state, batch)
+            host = jax.device_get({k: m[k] for k in ("loss", "grad_norm", "lr", "update_norm",
+                                                     "param_norm", "skipped")})
+            scalars = {k: float(v) for k, v in host.items() if k != "skipped"}
+            skipped = int(host["skipped"])
             seq_loss = _global(m["sequence_loss"], rt)
             now = time.perf_counter()
             dt, t0 = now - t0, now
