@@ -90,33 +90,52 @@ class DemoSizes:
     max_web_files: int | None = None
 
 
-FULL = DemoSizes(micro_batch=16, pretrain_iters=300, cpt_iters=150, eval_interval=25,
+FULL = DemoSizes(micro_batch=16, pretrain_iters=240, cpt_iters=120, eval_interval=20,
                  eval_iters=4)
 QUICK = DemoSizes(micro_batch=4, pretrain_iters=24, cpt_iters=12, eval_interval=12, eval_iters=1,
                   max_web_files=150)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Paths:
-    """Where every artifact goes under the output folder."""
+    """Where every artifact goes under the output folder (all absolute)."""
 
     out: str
+    corpora: str
+    tokenizer_prefix: str
+    tokenizer: str
+    data: str
+    lists: str
+    web_list: str
+    papers_list: str
+    mix_list: str
+    eval_list: str
+    pretrain_run: str
+    legacy_run: str
+    cc_run: str
+    universal: str
+    imported: str
+    megatron: str
+    hf: str
+    eval: str
+    plot: str
+    pretrain_plot: str
+    summary: str
 
-    def __getattr__(self, name: str) -> str:  # only called for names not set in __init__
-        layout = {
-            "corpora": "corpora", "tokenizer_prefix": "tokenizer/demo",
-            "tokenizer": "tokenizer/demo.model", "data": "data", "lists": "lists",
-            "web_list": "lists/web.txt", "papers_list": "lists/papers.txt",
-            "mix_list": "lists/cpt_mix.txt", "eval_list": "lists/eval.txt",
-            "pretrain_run": "runs/pretrain", "legacy_run": "runs/legacy",
-            "cc_run": "runs/constant_cooldown", "universal": "megatron/legacy_pretrained",
-            "imported": "checkpoints/legacy_pretrained", "megatron": "megatron",
-            "hf": "hf", "eval": "eval", "plot": "cpt_runs.png",
-            "pretrain_plot": "pretrain_run.png", "summary": "summary.json",
-        }
-        if name not in layout:
-            raise AttributeError(name)
-        return os.path.join(self.out, layout[name])
+    @classmethod
+    def under(cls, out: str) -> Paths:
+        out = os.path.abspath(out)
+        j = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+        return cls(
+            out=out, corpora=j("corpora"), tokenizer_prefix=j("tokenizer", "demo"),
+            tokenizer=j("tokenizer", "demo.model"), data=j("data"), lists=j("lists"),
+            web_list=j("lists", "web.txt"), papers_list=j("lists", "papers.txt"),
+            mix_list=j("lists", "cpt_mix.txt"), eval_list=j("lists", "eval.txt"),
+            pretrain_run=j("runs", "pretrain"), legacy_run=j("runs", "legacy"),
+            cc_run=j("runs", "constant_cooldown"), universal=j("megatron", "legacy_pretrained"),
+            imported=j("checkpoints", "legacy_pretrained"), megatron=j("megatron"), hf=j("hf"),
+            eval=j("eval"), plot=j("cpt_runs.png"), pretrain_plot=j("pretrain_run.png"),
+            summary=j("summary.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +227,7 @@ class Demo:
     """Runs the steps in order, printing what each did, where, and how long it took."""
 
     def __init__(self, out: str, sizes: DemoSizes, total_steps: int = 12) -> None:
-        self.paths = Paths(os.path.abspath(out))
+        self.paths = Paths.under(out)
         self.sizes = sizes
         self.total = total_steps
         self.n = 0
@@ -517,8 +536,11 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
     print(f"  {total:7.1f} s  total")
     print(f"  papers loss {before['papers']['loss']:.3f} -> legacy {legacy['papers']['loss']:.3f}"
           f", constant+cooldown {cc['papers']['loss']:.3f} (learning the new corpus)")
+    change = max(legacy["web"]["loss"], cc["web"]["loss"]) - before["web"]["loss"]
+    note = (f"forgetting: up to +{change:.3f}, held back by the 10% replay" if change > 0
+            else "no forgetting at this length")
     print(f"  web loss    {before['web']['loss']:.3f} -> legacy {legacy['web']['loss']:.3f}, "
-          f"constant+cooldown {cc['web']['loss']:.3f} (forgetting, held back by the 10% replay)")
+          f"constant+cooldown {cc['web']['loss']:.3f} ({note})")
     print(f"  plots {p.plot}, {p.pretrain_plot}; summary {p.summary}")
     return summary
 

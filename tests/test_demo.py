@@ -78,8 +78,8 @@ def test_pretraining_and_legacy_cpt_learn(demo_run):
     train, evals = _records(os.path.join(out, "runs", "pretrain"))
     assert evals[-1]["eval/loss/web"] < train[0]["loss"] - 0.5
     loss = summary["loss"]
-    assert loss["legacy"]["papers"] < loss["pretrained"]["papers"] - 0.1
-    assert loss["constant_cooldown"]["papers"] < loss["pretrained"]["papers"] - 0.1
+    assert loss["legacy"]["papers"] < loss["pretrained"]["papers"] - 0.05
+    assert loss["constant_cooldown"]["papers"] < loss["pretrained"]["papers"] - 0.05
     train, _ = _records(os.path.join(out, "runs", "legacy"))
     papers = [r["loss/papers"] for r in train if "loss/papers" in r]
     assert np.mean(papers[-3:]) < papers[0]
