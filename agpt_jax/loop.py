@@ -352,10 +352,10 @@ def _initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrain
     rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
     fresh = trainer.init(rng)
     install = _install_fn(trainer)
-    latest = ckptr.latest_step()
-    if latest is not None:
+    newest = ckptr.restore_newest(trainer.abstract_state.params, _adam_target(trainer))
+    if newest is not None:
+        latest, r = newest
         logging.info("resuming from %s", ckptr.step_dir(latest))
-        r = ckptr.restore(latest, trainer.abstract_state.params, _adam_target(trainer))
         p = r.progress
         state = install(fresh, r.params, r.adam["mu"], r.adam["nu"], r.adam["count"],
                         p.schedule_count, p.iteration)
@@ -497,7 +497,9 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     _prepare_run_dir(cfg, rt)
     entries = read_file_list(cfg.data.file_list, check_files=True)
     corpora = sorted({e.corpus for e in entries})
-    ckptr = ckpt_lib.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep)
+    # On CPU Orbax's device-to-host "copy" is a view of the donated state (agpt_jax.checkpoint).
+    ckptr = ckpt_lib.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep,
+                                     copy_before_async_save=rt.platform == "cpu")
     try:
         if ckptr.latest_step() is None and cfg.checkpoint.load:
             _check_source(cfg, rt)  # fail on a wrong source before compiling anything
