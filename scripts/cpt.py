@@ -42,8 +42,16 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _quiet_orbax(record) -> bool:
-    """Drops Orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps its warnings."""
-    return record.levelno > 20 or "orbax" not in record.pathname
+    """Drops Orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps its warnings.
+
+    Without --debug, Orbax's error records lose their traceback (a failed background write logs
+    one): the driver reports the error itself in one line.
+    """
+    if "orbax" not in record.pathname:
+        return True
+    if record.exc_info and not _DEBUG.value:
+        record.exc_info, record.exc_text = None, None
+    return record.levelno > 20
 
 
 def main(argv: list[str]) -> int:
