@@ -345,3 +345,22 @@ def is_stacked(path: FlaxPath) -> bool:
     """Params under `layers/` carry the leading [L] axis."""
     return path[0] == "layers"
 
+
+
+def megatron_model_args(config: GPTConfig) -> dict[str, object]:
+    """The Megatron-DeepSpeed args (names of megatron/arguments.py) that define the model's shape.
+
+    `universal.config_from_args` reads these back; a universal checkpoint written without them
+    cannot be loaded by Megatron or converted again, so the writer always derives them from the
+    model instead of trusting whatever a checkpoint's metadata recorded (spec §1.4-1.5).
+    """
+    return {
+        "num_layers": config.num_layers, "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "kv_channels": config.head_dim, "ffn_hidden_size": config.ffn_hidden_size,
+        "seq_length": config.seq_length, "padded_vocab_size": config.padded_vocab_size,
+        "make_vocab_size_divisible_by": config.make_vocab_size_divisible_by,
+        "rope_theta": config.rope_theta, "layernorm_epsilon": config.norm_eps,
+        "swiglu": True, "normalization": "rmsnorm", "untie_embeddings_and_output_weights": True,
+        "add_bias_linear": False, "use_rotary_position_embeddings": True,
+    }

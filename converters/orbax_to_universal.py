@@ -249,7 +249,11 @@ def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
                            step: float) -> UniversalContents:
     """UniversalContents from agpt-jax metadata (what universal_to_orbax recorded)."""
     scheme = ml.NameScheme(meta.get("name_scheme", ml.NameScheme.MODULE.value))
-    args = dict(meta.get("megatron_args") or {})
+    # Model-shape args always come from the model config, so a checkpoint whose metadata lacks
+    # them (e.g. trained from scratch) still exports as one Megatron can load.
+    args = {**dict(meta.get("megatron_args") or {}), **ml.megatron_model_args(config)}
+    args.setdefault("max_position_embeddings", config.seq_length)
+    args.setdefault("tensor_model_parallel_size", config.tensor_parallel_for_padding)
     groups = meta.get("param_groups")
     if not groups:
         raise uv.UniversalCheckpointError(

@@ -530,6 +530,28 @@ def test_training_run_root_is_resolved(converted, work):
     assert os.path.basename(uv.resolve_universal_dir(back)) == "global_step5_universal"
 
 
+def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(converted, work):
+    """A checkpoint that never came from Megatron (e.g. pretrained from scratch) records no
+    Megatron args; the export derives the model's args from its config so it converts back."""
+    import orbax.checkpoint as ocp
+
+    meta = {k: v for k, v in ic.read_metadata(converted).items() if k != "megatron_args"}
+    run = str(work / "no_args_run")
+    mgr = ocp.CheckpointManager(os.path.join(run, "checkpoints"),
+                                item_names=("params", "adam", "metadata"))
+    mgr.save(1, args=ocp.args.Composite(params=ocp.args.PyTreeSave(ic.restore_params(converted)),
+                                        adam=ocp.args.PyTreeSave(ic.restore_adam(converted)),
+                                        metadata=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+    back, again = str(work / "no_args_universal"), str(work / "no_args_again")
+    assert orbax_to_universal.main(["--load", run, "--save", back]) == 0
+    assert universal_to_orbax.main(["--load", back, "--save", again]) == 0
+    shape_fields = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                    "padded_vocab_size", "rope_theta", "norm_eps")
+    a, b = ic.model_config(converted), ic.model_config(again)
+    assert [getattr(a, f) for f in shape_fields] == [getattr(b, f) for f in shape_fields]
+
+
 # ----------------------------------------------------------------------------------------------
 # HF export.
 
