@@ -18,8 +18,8 @@ from absl import logging
 # Peak dense bf16 TFLOP/s per jax device, the MFU denominator.
 # XPU: Intel Data Center GPU Max 1550, 832 TFLOP/s bf16 per GPU from its matrix engines (1024 XMX x
 # 512 bf16 FLOP per clock x 1.6 GHz, Intel's published figure), 2 stacks per GPU -> 416 per stack,
-# and each stack ("tile") is one jax device; ALCF measured about 273 TFLOP/s bf16 GEMM per stack on
-# Aurora, so an MFU near 0.65 is the practical ceiling. The same figure is stated in
+# and each stack ("tile") is one jax device. ALCF's Aurora node performance overview reports a
+# measured bf16 GEMM rate well below this peak (about 273 TFLOP/s). The same figure is stated in
 # benchmarks/data_pipeline.py. CPU has no meaningful table value: configure
 # `peak_tflops_per_device` to get an MFU there (it is reported as 0 otherwise).
 PEAK_TFLOPS_PER_DEVICE = {"xpu": 416.0, "cpu": 0.0}
