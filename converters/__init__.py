@@ -10,10 +10,17 @@ Command lines:
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import sys
 from typing import Callable
+
+
+# tensorstore's message for a failed file write (disk full, quota, size limit).
+_WRITE_FAILED = re.compile(r"Error writing|Failed to write")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 class ConversionError(ValueError):
@@ -36,6 +43,23 @@ def check_destination(dst: str) -> str:
     return dst
 
 
+def _is_write_failure(e: Exception) -> bool:
+    """Whether `e` is a failed file write (disk full, quota, file-size limit).
+
+    It surfaces as OSError from Python, RuntimeError from torch.save ("unexpected pos ..."),
+    SafetensorError ("I/O error") from safetensors, and a plain ValueError from tensorstore
+    ("Error writing ... Failed to write"); our own input errors (ConversionError, the readers'
+    ValueError subclasses) are not write failures.
+    """
+    if isinstance(e, OSError):
+        return e.errno in _WRITE_ERRNOS
+    if isinstance(e, RuntimeError):
+        return True
+    if type(e).__name__ == "SafetensorError":
+        return True
+    return type(e) is ValueError and bool(_WRITE_FAILED.search(str(e)))
+
+
 def write_atomically(dst: str, write: Callable[[str], None]) -> None:
     """Run `write(tmp)` into `DST.tmp-<pid>` and rename it to DST; remove the temporary on error.
 
@@ -48,6 +72,14 @@ def write_atomically(dst: str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.rename(tmp, dst)
+    except Exception as e:  # noqa: BLE001 - sorted below
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_failure(e):
+            raise
+        raise ConversionError(
+            f"{dst}: writing the converted checkpoint failed ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); nothing was left at "
+            "--save. Check free disk space and quotas, then run the same command again") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
