@@ -208,6 +208,10 @@ def _source_dir(cfg: RunConfig, rt: Runtime) -> str:
         if os.path.exists(dst):
             raise ic.CheckpointError(f"{dst}: an unfinished conversion is in the way; delete it "
                                      "and start again")
+        from converters import universal as uv
+
+        # A checkpoint of another model size fails here, before anything is written.
+        _check_model(cfg, uv.open_universal(load).config, load)
         logging.info("converting universal checkpoint %s -> %s", load, dst)
         universal_to_orbax.convert(load, dst, universal_to_orbax.ConvertOptions(
             optimizer_state=cfg.checkpoint.load_optimizer_state))
@@ -216,13 +220,17 @@ def _source_dir(cfg: RunConfig, rt: Runtime) -> str:
     return ic.resolve_checkpoint_dir(dst)
 
 
-def _check_source_model(cfg: RunConfig, directory: str) -> None:
-    found = ic.model_config(directory)
+def _check_model(cfg: RunConfig, found, where: str) -> None:
     diffs = [f"{f}: checkpoint {getattr(found, f)} vs config {getattr(cfg.model, f)}"
              for f in _MATCHED_FIELDS if getattr(found, f) != getattr(cfg.model, f)]
     if diffs:
-        raise ConfigError([f"LOAD {directory} holds another model than config.model="
-                           f"{cfg.scale}: {d}" for d in diffs])
+        raise ConfigError([f"LOAD {where} holds another model than config.model="
+                           f"{cfg.scale}: {d}; load a checkpoint of this model size or choose "
+                           "the config scale that matches it" for d in diffs])
+
+
+def _check_source_model(cfg: RunConfig, directory: str) -> None:
+    _check_model(cfg, ic.model_config(directory), directory)
 
 
 def _source_lr(meta: dict[str, Any], progress: ckpt_lib.TrainProgress | None) -> float | None:
@@ -487,6 +495,14 @@ def _trainer(cfg: RunConfig, rt: Runtime) -> train_lib.CompiledTrainer:
     return _TRAINERS[key]
 
 
+def _has_complete_step(run_dir: str) -> bool:
+    """Whether run_dir/checkpoints holds a complete step (read without creating anything)."""
+    directory = os.path.join(run_dir, ic.CHECKPOINTS_SUBDIR)
+    return os.path.isdir(directory) and any(
+        n.isdigit() and os.path.isfile(os.path.join(directory, n, "_CHECKPOINT_METADATA"))
+        for n in os.listdir(directory))
+
+
 def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     """Trains per `cfg` (see the module docstring for where it starts and how it stops).
 
@@ -494,8 +510,19 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
         ConfigError, DataError, CheckpointError: bad input (one clear message).
         NonFiniteError: `max_skipped_in_a_row` non-finite updates in a row.
     """
-    _prepare_run_dir(cfg, rt)
+    # Every input is checked before the run directory is touched: bad input changes no file.
     entries = read_file_list(cfg.data.file_list, check_files=True)
+    for e in entries:
+        IndexedDataset(e.prefix)  # opens and validates the .idx/.bin pair (names the file)
+    if cfg.checkpoint.load and not _has_complete_step(cfg.run_dir):
+        if _is_universal(cfg.checkpoint.load):
+            from converters import universal as uv
+
+            _check_model(cfg, uv.open_universal(cfg.checkpoint.load).config,
+                         cfg.checkpoint.load)
+        else:
+            _check_source(cfg, rt)
+    _prepare_run_dir(cfg, rt)
     corpora = sorted({e.corpus for e in entries})
     # On CPU Orbax's device-to-host "copy" is a view of the donated state (agpt_jax.checkpoint).
     ckptr = ckpt_lib.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep,

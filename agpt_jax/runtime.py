@@ -224,6 +224,9 @@ class DistributedConfig:
         local_device_ids: the local devices this process uses; ``None`` means all visible devices
             (on XPU, select tiles with ``ZE_AFFINITY_MASK`` instead).
         initialization_timeout_s: seconds to wait for every process to connect.
+        heartbeat_timeout_s: seconds without a heartbeat after which the coordination service
+            declares a process dead and every other process aborts with that error instead of
+            waiting forever in a collective (jax's default: 10 missed heartbeats of 10 s).
     """
 
     coordinator_address: str | None = None
@@ -231,6 +234,7 @@ class DistributedConfig:
     process_id: int | None = None
     local_device_ids: tuple[int, ...] | None = None
     initialization_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
 
     def __post_init__(self) -> None:
         if self.coordinator_address is not None:
@@ -247,6 +251,9 @@ class DistributedConfig:
         if self.initialization_timeout_s <= 0:
             raise ValueError(
                 f"initialization_timeout_s={self.initialization_timeout_s} must be positive")
+        if self.heartbeat_timeout_s < 10:
+            raise ValueError(f"heartbeat_timeout_s={self.heartbeat_timeout_s} must be at least "
+                             "10 (10 heartbeats of at least 1 s)")
 
     @property
     def complete(self) -> bool:
@@ -646,7 +653,12 @@ def initialize(
                      resolved.coordinator_address, resolved.num_processes, resolved.process_id)
         # cluster_detection_method="deactivate": every value is resolved above; jax's own
         # detection would otherwise pin one device per process under Slurm / Open MPI.
-        jax.distributed.initialize(
+        # jax.distributed.initialize at 0.5.0 does not expose the heartbeat settings; it only
+        # checks that no backend started (done above) and calls global_state.initialize.
+        from jax._src import distributed as jax_distributed
+
+        beat = resolved.heartbeat_timeout_s // 10
+        jax_distributed.global_state.initialize(
             coordinator_address=resolved.coordinator_address,
             num_processes=resolved.num_processes,
             process_id=resolved.process_id,
@@ -654,6 +666,8 @@ def initialize(
                               if resolved.local_device_ids is not None else None),
             cluster_detection_method="deactivate",
             initialization_timeout=resolved.initialization_timeout_s,
+            service_heartbeat_interval_seconds=beat, service_max_missing_heartbeats=10,
+            client_heartbeat_interval_seconds=beat, client_max_missing_heartbeats=10,
         )
 
     try:

@@ -14,6 +14,7 @@ shows the traceback), 2 stopped by non-finite updates.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -30,6 +31,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process without a launcher)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's rank")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "multi-process: seconds without a heartbeat after which a "
+    "process counts as dead and the others stop with an error instead of waiting")
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
                                         "simulated devices per process on CPU (tests)")
 
@@ -39,6 +43,11 @@ def _fail(message: str, code: int = 1) -> int:
     if _DEBUG.value:
         traceback.print_exc()
     return code
+
+
+def rt_started(runtime) -> bool:
+    """Whether agpt_jax.runtime.initialize() has returned in this process."""
+    return runtime._runtime is not None
 
 
 def _quiet_orbax(record) -> bool:
@@ -56,6 +65,22 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv: list[str]) -> int:
     del argv
+    code = _main()
+    from agpt_jax import runtime
+
+    rt = runtime._runtime  # set once initialize() succeeded
+    if code != 0 and rt is not None and rt.process_count > 1:
+        # Another process of the job may be dead (a collective failed): jax's exit handler would
+        # wait for it at a shutdown barrier and then abort. The error is reported; leave now.
+        print(f"cpt.py: process {rt.process_index} of {rt.process_count} stops with exit code "
+              f"{code}; if another process died, its log has the first error", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _main() -> int:
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from agpt_jax import config as config_lib
     from agpt_jax import loop, runtime
@@ -70,7 +95,7 @@ def main(argv: list[str]) -> int:
         if _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
             distributed = runtime.DistributedConfig(
                 coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                process_id=_PROCESS_ID.value)
+                process_id=_PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value)
         rt = runtime.initialize(cd.platform, distributed, num_cpu_devices=_NUM_CPU_DEVICES.value)
         logging.info("runtime: %s", rt.describe())
         cfg = config_lib.from_config(cd, rt.device_count)
@@ -93,6 +118,11 @@ def main(argv: list[str]) -> int:
         return _fail(str(e))
     except loop.NonFiniteError as e:
         return _fail(str(e), code=2)
+    except RuntimeError as e:
+        if rt_started(runtime) and runtime._runtime.process_count > 1:
+            return _fail(f"a collective with the other processes failed ({str(e)[:300]}); "
+                         "another process of the job probably died")
+        raise
     if rt.is_main_process:
         how = "stopped by signal" if result.stopped_by_signal else "done"
         print(f"{how}: iterations {result.start_iteration + 1}..{result.last_iteration}, "
@@ -113,7 +143,38 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _config_file_error(argv: list[str]) -> str | None:
+    """The ValueError the config file raises for this environment (a malformed variable such as
+    TRAIN_ITERS=many), or None. absl would report it as a flag-parsing traceback."""
+    import importlib.util
+
+    spec_text = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            spec_text = argv[i + 1]
+        elif arg.startswith("--config="):
+            spec_text = arg.split("=", 1)[1]
+    if not spec_text:
+        return None
+    path, _, arg = spec_text.partition(":")
+    if not os.path.isfile(path):
+        return None  # absl's message names the missing file
+    spec = importlib.util.spec_from_file_location("cpt_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.get_config(arg or None)
+    except ValueError as err:
+        return f"{path}: {err}"
+    return None
+
+
 if __name__ == "__main__":
+    if "--debug" not in sys.argv:
+        problem = _config_file_error(sys.argv)
+        if problem is not None:
+            print(f"cpt.py: config error: {problem}", file=sys.stderr)
+            sys.exit(1)
     try:
         app.run(lambda argv: sys.exit(main(argv)))
     except (AttributeError, KeyError) as err:

@@ -1,0 +1,127 @@
+"""Regenerates docs/reliability.md from the records the fault and bad-input tests write.
+
+    RELIABILITY_RESULTS=/tmp/reliability python -m pytest -q tests/faults tests/bad_input
+    python scripts/reliability_table.py --results /tmp/reliability --out docs/reliability.md
+
+Every record is one JSON file (tests/faults/fault_helpers.py: `record`) with "kind" ("fault" or
+"bad_input"), "title", "how", "trials", "observed" and optionally "message", "entry", "order".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+HEADER = """# Reliability: faults and bad input
+
+What happens when a CPT run is killed, preempted, given a full disk or a damaged checkpoint, loses
+a peer process, or is fed a malformed input. Every row is a test in `tests/faults/` or
+`tests/bad_input/`; this page is generated from the results of one run of those tests
+(`scripts/reliability_table.py`), not written by hand:
+
+    RELIABILITY_RESULTS=/tmp/reliability python -m pytest -q tests/faults tests/bad_input
+    python scripts/reliability_table.py --results /tmp/reliability --out docs/reliability.md
+
+All runs are at the smoke scale on CPU (a 0.1M-parameter Llama, one simulated device per process
+unless stated).
+"""
+
+
+def _cell(text: object) -> str:
+    """A markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def load_records(folder: str) -> list[dict]:
+    """The records of `folder` (sorted by file name).
+
+    Raises:
+        ValueError: the folder has no records, or a record lacks a field.
+    """
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
+    if not paths:
+        raise ValueError(f"{folder}: no result records (*.json); run the tests with "
+                         "RELIABILITY_RESULTS set to this folder first")
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            try:
+                r = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON ({e}); run the tests again") from e
+        missing = [k for k in ("kind", "title", "how", "trials", "observed") if k not in r]
+        if missing:
+            raise ValueError(f"{path}: record lacks {missing}")
+        records.append(r)
+    return records
+
+
+def render(records: Sequence[dict]) -> str:
+    """The markdown page of `records`."""
+    faults = sorted((r for r in records if r["kind"] == "fault"),
+                    key=lambda r: (r.get("order", 99), r["title"]))
+    bad = sorted((r for r in records if r["kind"] == "bad_input"),
+                 key=lambda r: (r.get("entry", ""), r["title"]))
+    out = [HEADER]
+    out.append(f"## Faults ({len(faults)} classes, "
+               f"{sum(int(r['trials']) for r in faults)} trials)\n")
+    out.append("| Fault | How it is tested | Trials | Observed | Message shown |")
+    out.append("|---|---|---|---|---|")
+    for r in faults:
+        out.append(f"| {_cell(r['title'])} | {_cell(r['how'])} | {r['trials']} | "
+                   f"{_cell(r['observed'])} | {_cell(r.get('message', '')) or '-'} |")
+    kill = [r for r in faults if r.get("trials_detail")]
+    for r in kill:
+        out.append(f"\n### Kill trials (seed {r.get('seed')})\n")
+        out.append("| Restart | Kill moment | Resumed from step | Last iteration logged | "
+                   "Async write cut | Lost iterations |")
+        out.append("|---|---|---|---|---|---|")
+        for t in r["trials_detail"]:
+            if not t.get("killed"):
+                moment = "not killed: ran to the end"
+            elif t["mode"] == "after_async_save":
+                moment = f"right after async save #{t['nth_save']}"
+            elif t["mode"] == "during_training":
+                moment = f"{t['delay_s']} s into training"
+            else:
+                moment = f"{t['delay_s']} s after spawn"
+            out.append(f"| {t['restart']} | {moment} | {t.get('resumed_from') or '-'} | "
+                       f"{t.get('last_iteration_logged') or '-'} | "
+                       f"{'yes' if t.get('write_interrupted') else 'no'} | "
+                       f"{t.get('lost_iterations', '-')} |")
+    out.append(f"\n## Bad input ({len(bad)} cases)\n")
+    out.append("Each case: non-zero exit, one error line naming the input and the fix, no Python "
+               "traceback unless `--debug`, and no file created, changed or removed (sizes and "
+               "SHA-256 of the whole input folder compared before and after).\n")
+    out.append("| Entry point | Input | Observed | Message shown |")
+    out.append("|---|---|---|---|")
+    for r in bad:
+        out.append(f"| {_cell(r.get('entry', ''))} | {_cell(r['title'])} | "
+                   f"{_cell(r['observed'])} | `{_cell(r.get('message', ''))}` |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True, help="folder of the tests' JSON records")
+    p.add_argument("--out", default="docs/reliability.md", help="markdown file to write")
+    args = p.parse_args(argv)
+    try:
+        text = render(load_records(args.results))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""A catalogue of malformed inputs for every user-facing entry point: cpt.py (configs and
+environment variables), the three converters, preprocess_data.py, mix_datasets.py, evaluate.py.
+
+Each case must give: a non-zero exit, one error line naming the input (file, field or variable)
+and the fix, no Python traceback (unless --debug, checked for one case per entry point), and no
+file created, changed or removed anywhere under the work folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from agpt_jax.data import write_indexed_dataset
+
+import fault_helpers as fh
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One malformed input: the entry point, its arguments, what the message must contain."""
+
+    entry: str            # "cpt", a converter module name, or a script name
+    name: str             # the bad-input class (docs/reliability.md row)
+    argv: tuple[str, ...]
+    expect: tuple[str, ...]  # regexes the error line(s) must match (input and fix)
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _universal_fixture_writer():
+    path = ROOT / "tests" / "converters" / "test_universal_converters.py"
+    spec = importlib.util.spec_from_file_location("universal_fixture_for_bad_input", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_universal_fixture
+
+
+class _Evil:
+    """A pickle payload that runs a shell command when unpickled naively."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Inputs, good and bad, under one folder whose files must not change."""
+    w = tmp_path_factory.mktemp("bad_input")
+    d = str(w)
+    good_list = fh.write_corpus(d)
+    prefix = os.path.join(d, "papers")
+
+    def copy_corpus(name: str) -> str:
+        for ext in (".bin", ".idx"):
+            shutil.copy(prefix + ext, os.path.join(d, name + ext))
+        return os.path.join(d, name)
+
+    trunc_idx = copy_corpus("trunc_idx")
+    with open(trunc_idx + ".idx", "r+b") as f:
+        f.truncate(os.path.getsize(trunc_idx + ".idx") // 2)
+    trunc_bin = copy_corpus("trunc_bin")
+    with open(trunc_bin + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(trunc_bin + ".bin") // 3)
+    bad_dtype = copy_corpus("bad_dtype")
+    with open(bad_dtype + ".idx", "r+b") as f:
+        f.seek(17)  # the dtype code byte (Megatron's MMIDIDX header)
+        f.write(bytes([42]))
+    only_idx = copy_corpus("only_idx")
+    os.remove(only_idx + ".bin")
+    lists = {
+        "three_fields": "1.0 papers\n",
+        "weight_text": f"heavy {prefix} papers\n",
+        "zero_weights": f"0 {prefix} papers\n0.0 {prefix} web\n",
+        "missing_bin": f"1.0 {only_idx} papers\n",
+        "missing_prefix": f"1.0 {d}/nothing_here papers\n",
+        "truncated_idx": f"1.0 {trunc_idx} papers\n",
+        "truncated_bin": f"1.0 {trunc_bin} papers\n",
+        "wrong_dtype": f"1.0 {bad_dtype} papers\n",
+        "empty": "# nothing\n",
+    }
+    paths = {"good": good_list}
+    for name, text in lists.items():
+        paths[name] = os.path.join(d, f"{name}.txt")
+        with open(paths[name], "w") as f:
+            f.write(text)
+    write_universal = _universal_fixture_writer()
+    other_size = os.path.join(d, "universal_other_size")
+    os.makedirs(other_size)
+    write_universal(other_size)  # 64-wide model with norm_eps 1e-6: not the smoke model
+    evil = os.path.join(d, "universal_evil")
+    os.makedirs(evil)
+    write_universal(evil)
+    marker = os.path.join(d, "pwned")
+    states = os.path.join(evil, "global_step20_universal", "mp_rank_00_model_states.pt")
+    with open(states, "wb") as f:
+        pickle.dump(_Evil(marker), f)
+    not_a_ckpt = os.path.join(d, "not_a_checkpoint")
+    os.makedirs(not_a_ckpt)
+    with open(os.path.join(not_a_ckpt, "README"), "w") as f:
+        f.write("nothing to see\n")
+    jsonl = os.path.join(d, "docs.jsonl")
+    with open(jsonl, "w") as f:
+        f.write('{"text": "hello"}\n{"text": broken\n')
+    np.save(os.path.join(d, "tokens_3d.npy"), np.zeros((2, 3, 4), np.int32))
+    return {"dir": d, "lists": paths, "prefix": prefix, "other_size": other_size,
+            "evil": evil, "marker": marker, "not_a_ckpt": not_a_ckpt, "jsonl": jsonl,
+            "tokens_3d": os.path.join(d, "tokens_3d.npy")}
+
+
+def _cpt_cases(w) -> list[Case]:
+    L, d = w["lists"], w["dir"]
+    save = os.path.join(d, "runs", "x")
+    base = ("--config", "configs/pretrain.py:smoke", f"--config.save={save}")
+    good = f"--config.data_file_list={L['good']}"
+    cases = [
+        Case("cpt", "DATA_FILE_LIST line without 3 fields",
+             base + (f"--config.data_file_list={L['three_fields']}",),
+             (r"three_fields\.txt", r"line 1: expected 3 fields 'weight prefix corpus'")),
+        Case("cpt", "DATA_FILE_LIST weight not a number", base,
+             (r"weight_text\.txt", r"line 1: weight 'heavy' is not a number"),
+             (("DATA_FILE_LIST", L["weight_text"]),)),
+        Case("cpt", "DATA_FILE_LIST weights that sum to 0",
+             base + (f"--config.data_file_list={L['zero_weights']}",),
+             (r"zero_weights\.txt", r"must be a positive finite number")),
+        Case("cpt", "DATA_FILE_LIST with no entries",
+             base + (f"--config.data_file_list={L['empty']}",),
+             (r"empty\.txt", r"needs at least one 'weight prefix corpus' line")),
+        Case("cpt", "DATA_FILE_LIST that does not exist",
+             base + (f"--config.data_file_list={d}/no_list.txt",),
+             (r"no_list\.txt", r"does not exist")),
+        Case("cpt", "missing .bin", base + (f"--config.data_file_list={L['missing_bin']}",),
+             (r"only_idx\.bin",)),
+        Case("cpt", "missing .bin and .idx",
+             base + (f"--config.data_file_list={L['missing_prefix']}",),
+             (r"nothing_here\.(bin|idx)",)),
+        Case("cpt", "truncated .idx", base + (f"--config.data_file_list={L['truncated_idx']}",),
+             (r"trunc_idx\.idx",)),
+        Case("cpt", "truncated .bin", base + (f"--config.data_file_list={L['truncated_bin']}",),
+             (r"trunc_bin\.bin",)),
+        Case("cpt", "wrong dtype code in .idx",
+             base + (f"--config.data_file_list={L['wrong_dtype']}",),
+             (r"bad_dtype\.idx", r"dtype code is 42")),
+        Case("cpt", "impossible batch arithmetic", base + (good,),
+             (r"GLOBAL_BATCH", r"7"), (("GLOBAL_BATCH", "7"),)),
+        Case("cpt", "TRAIN_TOKENS smaller than one batch", base + (good,),
+             (r"TRAIN_TOKENS", r"10"), (("TRAIN_TOKENS", "10"),)),
+        Case("cpt", "malformed environment variable", base + (good,),
+             (r"TRAIN_ITERS", r"not an integer"), (("TRAIN_ITERS", "many"),)),
+        Case("cpt", "LOAD that does not exist",
+             base + (good, f"--config.load={d}/no_such_checkpoint"),
+             (r"no_such_checkpoint",)),
+        Case("cpt", "LOAD that is not a checkpoint",
+             base + (good, f"--config.load={w['not_a_ckpt']}"),
+             (r"not_a_checkpoint",)),
+        Case("cpt", "universal checkpoint of another model size",
+             base + (good, f"--config.load={w['other_size']}"),
+             (r"universal_other_size", r"another model", r"config scale")),
+        Case("cpt", "pickle that tries to run code",
+             base + (good, f"--config.load={w['evil']}"),
+             (r"mp_rank_00_model_states\.pt",)),
+        Case("cpt", "unknown config key", base + (good, "--config.learning_rate=1"),
+             (r"unknown config key in --config\.learning_rate",)),
+        Case("cpt", "missing --config", (), (r"--config is required",)),
+    ]
+    return cases
+
+
+def _run_cpt_cases(cases: list[Case], debug_case: Case) -> dict[str, tuple[int, str, float]]:
+    """Runs every cpt.py case as its own process, all at once; returns name -> (rc, output, s)."""
+    procs = {}
+    runs = [(case.name, case, []) for case in cases] + [("--debug", debug_case, ["--debug"])]
+    for key, case, extra in runs:
+        env = fh.child_env(None, devices=8, **dict(case.env))
+        argv = [sys.executable, fh.CPT, *case.argv, *extra]
+        procs[key] = (time.monotonic(), subprocess.Popen(
+            argv, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    out = {}
+    for key, (t0, p) in procs.items():
+        o, e = p.communicate(timeout=300)
+        out[key] = (p.returncode, e, time.monotonic() - t0)
+    return out
+
+
+def _error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if re.match(r"^(cpt\.py: (config )?error|error):", ln)]
+
+
+def _check(case: Case, rc: int, err: str) -> str:
+    assert rc not in (0, None), (case.name, err[-2000:])
+    assert "Traceback" not in err, (case.name, err[-3000:])
+    lines = _error_lines(err)
+    assert lines, (case.name, err[-2000:])
+    # The message: its error line and, for a list of problems, the indented lines under it.
+    text = "\n".join(ln for ln in err.splitlines() if ln in lines or ln.startswith("  "))
+    for pattern in case.expect:
+        assert re.search(pattern, text), (case.name, pattern, text)
+    return lines[0]
+
+
+def _record(case: Case, message: str, rc: int) -> None:
+    slug = re.sub(r"[^a-z0-9]+", "_", f"{case.entry} {case.name}".lower()).strip("_")
+    fh.record(f"bad_input_{slug}", {
+        "kind": "bad_input", "entry": case.entry, "title": case.name,
+        "how": f"{case.entry} {' '.join(os.path.basename(a) for a in case.argv)}"[:200]
+               + (f" with {', '.join(f'{k}={v}' for k, v in case.env)}" if case.env else ""),
+        "trials": 1, "observed": f"exit {rc}, one line, no traceback, no file changed",
+        "message": message[:300]})
+
+
+@pytest.mark.slow
+def test_cpt_bad_input_catalogue(work):
+    before = fh.tree_files(work["dir"])
+    cases = _cpt_cases(work)
+    debug_case = cases[0]
+    results = _run_cpt_cases(cases, debug_case)
+    for case in cases:
+        rc, err, _ = results[case.name]
+        message = _check(case, rc, err)
+        _record(case, message, rc)
+    rc, err, _ = results["--debug"]
+    assert rc == 1 and "Traceback" in err  # --debug shows where it came from
+    assert not os.path.exists(work["marker"])  # the pickle's command never ran
+    assert fh.tree_files(work["dir"]) == before
+    assert not os.path.exists(os.path.join(work["dir"], "runs"))
+
+
+def _inprocess_cases(w) -> list[Case]:
+    d, L = w["dir"], w["lists"]
+    out = os.path.join(d, "out", "x")
+    return [
+        Case("universal_to_orbax", "universal checkpoint of another model size",
+             ("--load", w["other_size"], "--save", out, "--model-config", "tiny"),
+             (r"mp_rank_00_model_states\.pt", r"does not match", r"norm_eps")),
+        Case("universal_to_orbax", "pickle that tries to run code",
+             ("--load", w["evil"], "--save", out), (r"mp_rank_00_model_states\.pt",)),
+        Case("universal_to_orbax", "LOAD that does not exist",
+             ("--load", f"{d}/no_such", "--save", out), (r"no_such",)),
+        Case("universal_to_orbax", "destination exists",
+             ("--load", w["other_size"], "--save", w["not_a_ckpt"]),
+             (r"not_a_checkpoint: already exists", r"choose a new --save")),
+        Case("orbax_to_universal", "LOAD that is not a checkpoint",
+             ("--load", w["not_a_ckpt"], "--save", out), (r"not_a_checkpoint",)),
+        Case("orbax_to_hf", "LOAD that does not exist",
+             ("--load", f"{d}/no_such", "--save", out), (r"no_such",)),
+        Case("orbax_to_hf", "LOAD that is not a checkpoint",
+             ("--load", w["not_a_ckpt"], "--save", f"{d}/no_parent/hf"),
+             (r"not_a_checkpoint", r"pass the directory")),
+        Case("preprocess_data", "input that does not exist",
+             ("--input", f"{d}/none.jsonl", "--output-prefix", out, "--tokenizer-type",
+              "HFTokenizer", "--tokenizer-model", f"{d}/none.json"), (r"none\.jsonl",)),
+        Case("preprocess_data", "tokenizer model that does not exist",
+             ("--input", w["jsonl"], "--output-prefix", out, "--tokenizer-type", "HFTokenizer",
+              "--tokenizer-model", f"{d}/no_tokenizer.json"), (r"no_tokenizer\.json",)),
+        Case("mix_datasets", "weights that sum to 0",
+             ("--inputs", "1", L["zero_weights"]), (r"zero_weights\.txt",)),
+        Case("mix_datasets", "global weight 0", ("--inputs", "0", L["good"]),
+             (r"global weight 0", r"must be positive")),
+        Case("mix_datasets", "missing list", ("--inputs", "1", f"{d}/no_list.txt"),
+             (r"no_list\.txt",)),
+        Case("evaluate", "checkpoint that does not exist",
+             ("--checkpoint", f"{d}/no_such", "--data-file-list", L["good"]), (r"no_such",)),
+        Case("evaluate", "truncated .idx",
+             ("--checkpoint", w["not_a_ckpt"], "--data-file-list", L["truncated_idx"]),
+             (r"trunc_idx\.idx|not_a_checkpoint",)),
+        Case("evaluate", "tokens of the wrong rank",
+             ("--checkpoint", w["not_a_ckpt"], "--tokens", w["tokens_3d"], "--save-logits",
+              f"{d}/logits.npy"), (r"tokens_3d\.npy|not_a_checkpoint",)),
+        Case("evaluate", "no data and no tokens", ("--checkpoint", w["not_a_ckpt"]),
+             (r"--data-file-list",)),
+    ]
+
+
+def _main_of(entry: str):
+    if entry in ("universal_to_orbax", "orbax_to_universal", "orbax_to_hf"):
+        return importlib.import_module(f"converters.{entry}").main
+    return _load_script(entry).main
+
+
+import importlib  # noqa: E402 - used by _main_of
+
+
+def test_other_entry_points_bad_input_catalogue(work, capsys):
+    before = fh.tree_files(work["dir"])
+    for case in _inprocess_cases(work):
+        main = _main_of(case.entry)
+        try:
+            rc = main(list(case.argv))
+        except SystemExit as e:  # argparse
+            rc = e.code
+        captured = capsys.readouterr()
+        message = _check(case, rc, captured.err)
+        _record(case, message, rc)
+        assert fh.tree_files(work["dir"]) == before, case.name
+        assert not os.path.exists(os.path.join(work["dir"], "out")), case.name
+    assert not os.path.exists(work["marker"])
+    # --debug shows the traceback (converters raise it).
+    from converters import universal_to_orbax
+
+    with pytest.raises(ValueError):
+        universal_to_orbax.main(["--load", work["evil"], "--save",
+                                 os.path.join(work["dir"], "out", "x"), "--debug"])
+    assert fh.tree_files(work["dir"]) == before
