@@ -12,8 +12,9 @@
 
 Saves are asynchronous (the device-to-host copy happens before `save` returns, the write in the
 background; on CPU, where that "copy" is a view of the device buffer which the next donated train
-step overwrites, `save` first copies the arrays on device) and atomic: Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete,
-so a step folder without its final name is never restored. The newest `keep` steps are kept.
+step overwrites, `save` first copies the arrays on device) and atomic: Orbax writes
+`<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a step folder without its final
+name is never restored. The newest `keep` steps are kept.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -31,9 +32,15 @@ unless stated).
 """
 
 
+# The tests' temporary folders and log prefixes: machine noise, not part of a message.
+_TMP = re.compile(r"/(?:tmp|var)/\S*?pytest-\d+/(?:popen-gw\d+/)?[^/\s'\"]+")
+_LOG_PREFIX = re.compile(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: |[IWEF]\d{4} [\d:.]+ +\d+ \S+\] )")
+
+
 def _cell(text: object) -> str:
-    """A markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """A markdown table cell: one line, pipes escaped, temporary folders as <tmp>."""
+    text = _LOG_PREFIX.sub("", _TMP.sub("<tmp>", " ".join(str(text).split())))
+    return text.replace("|", "\\|")
 
 
 def load_records(folder: str) -> list[dict]:

@@ -136,6 +136,8 @@ def _cpt_cases(w) -> list[Case]:
     save = os.path.join(d, "runs", "x")
     base = ("--config", "configs/pretrain.py:smoke", f"--config.save={save}")
     good = f"--config.data_file_list={L['good']}"
+    # LOAD cases use the recipe that continues a checkpoint (pretrain refuses any LOAD).
+    legacy = ("--config", "configs/legacy.py:smoke", f"--config.save={save}")
     cases = [
         Case("cpt", "DATA_FILE_LIST line without 3 fields",
              base + (f"--config.data_file_list={L['three_fields']}",),
@@ -171,16 +173,16 @@ def _cpt_cases(w) -> list[Case]:
         Case("cpt", "malformed environment variable", base + (good,),
              (r"TRAIN_ITERS", r"not an integer"), (("TRAIN_ITERS", "many"),)),
         Case("cpt", "LOAD that does not exist",
-             base + (good, f"--config.load={d}/no_such_checkpoint"),
+             legacy + (good, f"--config.load={d}/no_such_checkpoint"),
              (r"no_such_checkpoint",)),
         Case("cpt", "LOAD that is not a checkpoint",
-             base + (good, f"--config.load={w['not_a_ckpt']}"),
+             legacy + (good, f"--config.load={w['not_a_ckpt']}"),
              (r"not_a_checkpoint",)),
         Case("cpt", "universal checkpoint of another model size",
-             base + (good, f"--config.load={w['other_size']}"),
+             legacy + (good, f"--config.load={w['other_size']}"),
              (r"universal_other_size", r"another model", r"config scale")),
         Case("cpt", "pickle that tries to run code",
-             base + (good, f"--config.load={w['evil']}"),
+             legacy + (good, f"--config.load={w['evil']}"),
              (r"mp_rank_00_model_states\.pt",)),
         Case("cpt", "unknown config key", base + (good, "--config.learning_rate=1"),
              (r"unknown config key in --config\.learning_rate",)),
@@ -219,7 +221,7 @@ def _check(case: Case, rc: int, err: str) -> str:
     text = "\n".join(ln for ln in err.splitlines() if ln in lines or ln.startswith("  "))
     for pattern in case.expect:
         assert re.search(pattern, text), (case.name, pattern, text)
-    return lines[0]
+    return " / ".join(ln.strip() for ln in text.splitlines())
 
 
 def _record(case: Case, message: str, rc: int) -> None:
@@ -229,7 +231,7 @@ def _record(case: Case, message: str, rc: int) -> None:
         "how": f"{case.entry} {' '.join(os.path.basename(a) for a in case.argv)}"[:200]
                + (f" with {', '.join(f'{k}={v}' for k, v in case.env)}" if case.env else ""),
         "trials": 1, "observed": f"exit {rc}, one line, no traceback, no file changed",
-        "message": message[:300]})
+        "message": message[:400]})
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from agpt_jax.data import DataError, read_file_list, write_indexed_dataset
 from agpt_jax.data.indexed import MAGIC, IndexedDataset
 
 
-EXAMPLES = 150
+EXAMPLES = 1000
 PER_EXAMPLE_S = 5
 _SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                      suppress_health_check=[HealthCheck.too_slow])

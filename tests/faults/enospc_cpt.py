@@ -14,11 +14,13 @@ import sys
 from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
 
 _STEP = int(os.environ["FAULT_ENOSPC_STEP"])
+# Orbax writes the item into `<step>.orbax-checkpoint-tmp/data.orbax-checkpoint-tmp`.
+_ITEM = re.compile(rf"/{_STEP}(\.orbax-checkpoint-tmp[^/]*)?/data(\.orbax-checkpoint-tmp[^/]*)?$")
 _original = jch.JsonCheckpointHandler._save_fn
 
 
 async def _save_fn(self, x, directory):
-    if re.search(rf"/{_STEP}(\.orbax-checkpoint-tmp[^/]*)?/data(\.orbax-checkpoint-tmp[^/]*)?$", str(directory)):
+    if _ITEM.search(str(directory)):
         path = os.path.join(str(directory), "metadata")
         text = json.dumps(x)
         with open(path, "w") as f:

@@ -93,9 +93,9 @@ def test_kill9_chain_resumes_bit_exact(tmp_path):
             trial["tmp_step_dirs_after_kill"] = _unfinished(save)
             # The step whose asynchronous write was started last, if the kill cut that write.
             async_steps = [int(m) for m in re.findall(
-                r"saved checkpoint .*checkpoints/(\d+) \(async\)",
-                child.text)]
-            trial["write_interrupted"] = bool(async_steps) and async_steps[-1] not in _complete_steps(save)
+                r"saved checkpoint .*checkpoints/(\d+) \(async\)", child.text)]
+            trial["write_interrupted"] = (bool(async_steps)
+                                          and async_steps[-1] not in _complete_steps(save))
         else:
             rc = child.finish(TIMEOUT)
         resumed = child.matching(r"resuming from .*checkpoints/(\d+)")
