@@ -45,7 +45,7 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def rt_started(runtime) -> bool:
+def _rt_started(runtime) -> bool:
     """Whether agpt_jax.runtime.initialize() has returned in this process."""
     return runtime._runtime is not None
 
@@ -119,7 +119,7 @@ def _main() -> int:
     except loop.NonFiniteError as e:
         return _fail(str(e), code=2)
     except RuntimeError as e:
-        if rt_started(runtime) and runtime._runtime.process_count > 1:
+        if _rt_started(runtime) and runtime._runtime.process_count > 1:
             return _fail(f"a collective with the other processes failed ({str(e)[:300]}); "
                          "another process of the job probably died")
         raise

@@ -93,7 +93,7 @@ def render(records: Sequence[dict]) -> str:
             elif t["mode"] == "after_async_save":
                 moment = f"right after async save #{t['nth_save']}"
             elif t["mode"] == "during_training":
-                moment = f"{t['delay_s']} s into training"
+                moment = f"{t['delay_s']} s after its first iteration"
             else:
                 moment = f"{t['delay_s']} s after spawn"
             out.append(f"| {t['restart']} | {moment} | {t.get('resumed_from') or '-'} | "
