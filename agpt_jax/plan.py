@@ -75,8 +75,6 @@ def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
               micro_batch: int, grad_accum: int, remat: str | None, attention: str | None,
               compute_dtype: str, strategy: str, device_memory_gb: float) -> Plan:
     """Compile the train step for the current devices and read XLA's memory and cost analysis."""
-    import jax  # after runtime.initialize has fixed the device count
-
     from agpt_jax import model as model_lib
     from agpt_jax import optim, train
 

@@ -7,26 +7,16 @@ plot); the tests then check properties of what it wrote.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+from script_modules import load_script
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
-
-
-demo = _script("demo")
+demo = load_script("demo")
 
 
 def _records(run_dir: str) -> tuple[list[dict], list[dict]]:

@@ -8,30 +8,21 @@ transformers.LlamaForCausalLM in fp32, and the reference cross-entropy from torc
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+from script_modules import load_script
+
 SEQ = 32
 GBS = 8
 EVAL_ITERS = 3
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
-
-
-evaluate = _script("evaluate")
+evaluate = load_script("evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ import time
 import numpy as np
 import pytest
 
-from agpt_jax.data import write_indexed_dataset
-
 import fault_helpers as fh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -8,7 +8,6 @@ pickling real Megatron and DeepSpeed objects from stand-in classes that the read
 from __future__ import annotations
 
 import argparse
-import collections
 import enum
 import json
 import os

@@ -1,7 +1,6 @@
 """preprocess_data.py, mix_datasets.py and inspect_data.py, driven through their main(argv)."""
 
 import gzip
-import importlib.util
 import json
 import os
 
@@ -12,14 +11,7 @@ from agpt_jax.data.blend import BlendConfig, build_blended_splits
 from agpt_jax.data.file_list import read_file_list
 from agpt_jax.data.indexed import IndexedDataset
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from script_modules import load_script
 
 
 def _texts(n, seed=0):
@@ -61,7 +53,7 @@ def test_sentencepiece_bos_and_eod(tmp_path, sp_model):
     import sentencepiece as spm
     texts = _texts(40, seed=1)
     _write_jsonl(tmp_path / "in.jsonl.gz", texts, opener=gzip.open)
-    pre = _script("preprocess_data")
+    pre = load_script("preprocess_data")
     rc = pre.main(["--input", str(tmp_path / "in.jsonl.gz"), "--output-prefix", str(tmp_path / "out"),
                    "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model, "--append-eod",
                    "--workers", "2"])
@@ -82,7 +74,7 @@ def test_hf_tokenizer_zstd_and_malformed_lines(tmp_path, hf_json, capsys):
     lines.insert(7, json.dumps({"body": "no text key"}))
     raw = ("\n".join(lines) + "\n").encode()
     (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
-    pre = _script("preprocess_data")
+    pre = load_script("preprocess_data")
     args = ["--input", str(tmp_path / "in.jsonl.zst"), "--output-prefix", str(tmp_path / "hf"),
             "--tokenizer-type", "HFTokenizer", "--tokenizer-model", hf_json, "--append-eod"]
     assert pre.main(args) == 2
@@ -103,7 +95,7 @@ def test_hf_tokenizer_zstd_and_malformed_lines(tmp_path, hf_json, capsys):
 def test_mix_datasets_output_and_rounding_warning(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("3 /d/p1 papers\n1 /d/p2 papers\n")
     (tmp_path / "b.txt").write_text("1 /d/big dolma\n0.0000001 /d/tiny dolma\n")
-    mix = _script("mix_datasets")
+    mix = load_script("mix_datasets")
     assert mix.main(["--inputs", "0.9", str(tmp_path / "a.txt"), "0.1", str(tmp_path / "b.txt")]) == 0
     out, err = capsys.readouterr()
     rows = [line.split() for line in out.strip().splitlines()]
@@ -120,7 +112,7 @@ def test_mix_datasets_output_and_rounding_warning(tmp_path, capsys):
 
 
 def test_inspect_data_dump_matches_blend(tmp_path, sp_model, capsys):
-    pre = _script("preprocess_data")
+    pre = load_script("preprocess_data")
     for name, seed in (("web", 3), ("code", 4)):
         _write_jsonl(tmp_path / f"{name}.jsonl", _texts(120, seed=seed))
         assert pre.main(["--input", str(tmp_path / f"{name}.jsonl"), "--output-prefix", str(tmp_path / name),
@@ -128,7 +120,7 @@ def test_inspect_data_dump_matches_blend(tmp_path, sp_model, capsys):
                          "--append-eod"]) == 0
     (tmp_path / "list.txt").write_text("0.7 web_text_document web\n0.3 code_text_document code\n")
     capsys.readouterr()
-    ins = _script("inspect_data")
+    ins = load_script("inspect_data")
     flags = ["--data-file-list", str(tmp_path / "list.txt"), "--seq-length", "32", "--global-batch-size", "4",
              "--train-iters", "10", "--eval-interval", "5", "--eval-iters", "1", "--split", "90,10,0",
              "--shuffle-sample-in-corpus"]
