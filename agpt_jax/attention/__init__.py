@@ -157,7 +157,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if impl == "xla":
         return xla.attention(q, k, v, causal=causal)
     if impl == "blockwise":
-        return blockwise.attention(q, k, v, causal=causal)
+        return blockwise.attention(q, k, v, causal=causal,
+                                   platform=platform or default_platform())
     # Triton lowers only on CUDA; elsewhere the same kernels run in interpret mode (plain HLO).
     interpret = (platform or default_platform()) != "gpu"
     return pallas.attention(q, k, v, causal=causal, interpret=interpret)

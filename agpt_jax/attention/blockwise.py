@@ -5,15 +5,17 @@ Runs on every backend, including Intel XPU at jax 0.5.0 where Pallas cannot lowe
 with the online-softmax recurrence of FlashAttention (Dao et al. 2022, Alg. 1; FlashAttention-2,
 Dao 2023, §3.1), so the largest score tile alive is [batch, heads, block_q, block_k] and memory is
 O(seq x block), not O(seq^2). Under `causal`, the key loop stops at the diagonal: blocks above it
-are never computed.
+are never computed, and only tiles that touch the diagonal (or hold padded keys) build a mask.
+
+Layout: the query heads that share a K/V head become the rows of one matmul (q is viewed as
+[batch, kv_heads, seq * group, head_dim], position-major), so a score tile is a single batched
+matmul with block_q * group rows, K/V are never repeated (Megatron's repeat_kv grouping: query
+head h reads kv head h // group, spec §4.2), and every tile slice is contiguous.
 
 The backward pass is a `jax.custom_vjp` that recomputes the probabilities from the saved
 log-sum-exp instead of storing them (only q, k, v, out and the fp32 log-sum-exp are residuals). It
 walks key blocks in the outer loop, so dK/dV of a block are finished in registers of the loop carry,
 and adds each tile's dQ into an fp32 accumulator.
-
-GQA: query head h reads kv head h // (heads // kv_heads) (Megatron's repeat_kv grouping, spec §4.2),
-by viewing q as [batch, seq, kv_heads, group, head_dim]; K/V are never repeated.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ from jax import lax
 # seen one real key, and never produces inf - inf = nan (the FlashAttention kernels use the same).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-# Largest block used by `attention`; 512 keeps a [b, h, 512, 512] fp32 score tile (1 MiB per head)
-# small while matmuls stay large enough to run near peak on CPU and XPU.
+# Largest block used by `attention`: 512 on accelerators, where fewer, larger tiles mean fewer
+# kernel launches; 256 on CPU, where a [batch, kv_heads, 256 * group, 256] fp32 score tile stays
+# in the caches. Measured at bench_125m's attention shape (batch 2, seq 1024, 12/4 heads, head_dim
+# 64, bf16, forward + backward, 2 cores, thunk runtime off): 122 ms with 256, 173 ms with 128 and
+# with 512.
 DEFAULT_BLOCK = 512
+CPU_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,8 @@ class BlockSizes:
     """Tile sizes of the blockwise loops.
 
     Attributes:
-        block_q: query rows per outer step.
+        block_q: query positions per outer step (times the query heads per K/V head: the rows of
+            one score tile).
         block_k: key columns per inner step.
     """
 
@@ -52,20 +59,23 @@ class BlockSizes:
             raise ValueError(f"block sizes must be positive, got {self}")
 
 
-def default_block_sizes(seq_len: int) -> BlockSizes:
-    """Block sizes for a sequence length: one block up to 512, else 512 x 512 tiles.
+def default_block_sizes(seq_len: int, platform: str = "xpu") -> BlockSizes:
+    """Block sizes for a sequence length: one block when it fits, else square tiles.
 
     Args:
         seq_len: the sequence length of q and k.
+        platform: "cpu" picks CPU_BLOCK, anything else DEFAULT_BLOCK.
 
     Returns:
-        BlockSizes with block_q == block_k == min(512, seq_len rounded up to a multiple of 8).
+        BlockSizes with block_q == block_k == min(block, seq_len rounded up to a multiple of 8).
     """
-    block = min(DEFAULT_BLOCK, -(-seq_len // 8) * 8)
+    largest = CPU_BLOCK if platform == "cpu" else DEFAULT_BLOCK
+    block = min(largest, -(-seq_len // 8) * 8)
     return BlockSizes(block, block)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              platform: str = "xpu") -> jax.Array:
     """Blockwise softmax attention with grouped K/V heads, blocks chosen from the shape.
 
     Args:
@@ -73,11 +83,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) 
         k: [batch, seq, kv_heads, head_dim]; heads must be a multiple of kv_heads.
         v: [batch, seq, kv_heads, head_dim].
         causal: mask keys after the query position (blocks above the diagonal are skipped).
+        platform: "cpu" | "gpu" | "xpu" | "tpu": picks the tile size (`default_block_sizes`).
 
     Returns:
         [batch, seq, heads, head_dim] in q's dtype; scale 1/sqrt(head_dim), fp32 softmax statistics.
     """
-    return blockwise_attention(q, k, v, causal=causal, blocks=default_block_sizes(q.shape[1]))
+    return blockwise_attention(q, k, v, causal=causal,
+                               blocks=default_block_sizes(q.shape[1], platform))
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
@@ -143,30 +155,76 @@ def _pad_seq(x: jax.Array, padded: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
 
 
+def _rows(geo: _Geometry, x: jax.Array) -> jax.Array:
+    """[b, seq, heads, ...] -> [b, kv_heads, padded * group, ...]: query heads as matmul rows.
+
+    Row r of kv head k is position r // group, query head k * group + r % group, so one tile's
+    scores for all heads sharing a K/V head are a single matmul with block_q * group rows.
+    """
+    b, kvh, g = geo.batch, geo.kv_heads, geo.group
+    x = _pad_seq(x, geo.padded)
+    tail = x.shape[3:]
+    x = x.reshape(b, geo.padded, kvh, g, *tail)
+    x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(b, kvh, geo.padded * g, *tail)
+
+
+def _unrows(geo: _Geometry, x: jax.Array) -> jax.Array:
+    """Inverse of `_rows`, dropping the padding: -> [b, seq, heads, ...]."""
+    b, kvh, g = geo.batch, geo.kv_heads, geo.group
+    tail = x.shape[3:]
+    x = x.reshape(b, kvh, geo.padded, g, *tail)
+    x = jnp.moveaxis(x, 1, 2).reshape(b, geo.padded, geo.heads, *tail)
+    return x[:, :geo.seq]
+
+
+def _heads_first(geo: _Geometry, x: jax.Array) -> jax.Array:
+    """K or V [b, seq, kv_heads, d] -> [b, kv_heads, padded, d]."""
+    return jnp.swapaxes(_pad_seq(x, geo.padded), 1, 2)
+
+
+def _matmul(spec: str, a: jax.Array, b: jax.Array, *, exact: bool) -> jax.Array:
+    """A tile matmul with an fp32 result.
+
+    `exact` keeps the fp32 product of bf16 inputs (scores, dP: softmax and its backward subtract
+    nearly equal numbers). Otherwise the product is rounded to the inputs' dtype and then widened,
+    as a bf16 matmul would return it: XLA's CPU runtime runs bf16 x bf16 -> bf16 on oneDNN about
+    2.5x faster than bf16 x bf16 -> fp32, and these products (P V, dV, dK, dQ tiles) are summed in
+    fp32 and rounded to bf16 at the end anyway.
+    """
+    if exact:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, a, b).astype(jnp.float32)
+
+
 def _scores(geo: _Geometry, qb: jax.Array, kb: jax.Array, q_start: jax.Array,
-            k_start: jax.Array, causal: bool) -> jax.Array:
-    """Scaled, masked fp32 scores of one tile.
+            k_start: jax.Array, causal: bool, masked: bool) -> jax.Array:
+    """Scaled fp32 scores of one tile, masked when the tile needs it.
 
     Args:
         geo: shapes.
-        qb: [batch, block_q, kv_heads, group, head_dim].
-        kb: [batch, block_k, kv_heads, head_dim].
+        qb: [batch, kv_heads, block_q * group, head_dim] (`_rows` layout).
+        kb: [batch, kv_heads, block_k, head_dim].
         q_start: first query position of the tile (int32 scalar).
         k_start: first key position of the tile (int32 scalar).
         causal: mask keys after the query.
+        masked: whether this tile can hold a masked entry (on the diagonal, or holding padded
+            keys); tiles wholly below the diagonal skip the mask.
 
     Returns:
-        [batch, kv_heads, group, block_q, block_k] fp32.
+        [batch, kv_heads, block_q * group, block_k] fp32.
     """
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-    s = s * geo.scale
+    s = _matmul("bkmd,bksd->bkms", qb, kb, exact=True) * geo.scale
+    if not masked:
+        return s
     k_pos = k_start + jnp.arange(geo.block_k)
     keep = None
-    if geo.padded != geo.seq:
-        # Padded keys must not take part in any real row's softmax (matters when not causal).
+    if geo.padded != geo.seq and not causal:
+        # Padded keys must not take part in any real row's softmax. Under causal they sit after
+        # every real query, so the causal mask already removes them.
         keep = (k_pos < geo.seq)[None, :]
     if causal:
-        q_pos = q_start + jnp.arange(geo.block_q)
+        q_pos = q_start + jnp.arange(geo.block_q * geo.group) // geo.group
         diag = q_pos[:, None] >= k_pos[None, :]
         keep = diag if keep is None else keep & diag
     if keep is not None:
@@ -174,49 +232,77 @@ def _scores(geo: _Geometry, qb: jax.Array, kb: jax.Array, q_start: jax.Array,
     return s
 
 
+def _key_ranges(geo: _Geometry, q_start: jax.Array, causal: bool
+                ) -> tuple[jax.Array, jax.Array]:
+    """For a query block: key blocks [0, free) need no mask, [free, upper) do, the rest are skipped.
+
+    Under `causal`, key blocks starting after the block's last query are above the diagonal and
+    never computed (the loop bound), not masked.
+    """
+    if causal:
+        free = lax.div(q_start + 1, geo.block_k)
+        upper = jnp.minimum(lax.div(q_start + geo.block_q + geo.block_k - 1, geo.block_k),
+                            geo.num_k_blocks)
+        return free, upper
+    return jnp.int32(geo.seq // geo.block_k), jnp.int32(geo.num_k_blocks)
+
+
+def _query_ranges(geo: _Geometry, k_start: jax.Array, j: jax.Array, causal: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """For a key block: query blocks [lower, mid) need a mask, [mid, n) do not; [0, lower) skip."""
+    if causal:
+        lower = lax.div(k_start, geo.block_q)
+        mid = jnp.minimum(lax.div(k_start + geo.block_k + geo.block_q - 2, geo.block_q),
+                          geo.num_q_blocks)
+        return lower, mid
+    # Non-causal: only key blocks holding padded keys need the mask, for every query block.
+    padded_keys = j >= geo.seq // geo.block_k
+    return jnp.int32(0), jnp.where(padded_keys, geo.num_q_blocks, 0).astype(jnp.int32)
+
+
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, block_q: int,
              block_k: int) -> tuple[jax.Array, jax.Array]:
-    """Forward pass; returns out [b, s, h, d] and lse [b, kv_heads, group, padded] fp32."""
+    """Forward pass; returns out [b, s, h, d] and lse [b, kv_heads, padded * group] fp32."""
     geo = _geometry(q, k, block_q, block_k)
-    b, kvh, g, d = geo.batch, geo.kv_heads, geo.group, geo.head_dim
-    bq, bk = geo.block_q, geo.block_k
-    qg = _pad_seq(q, geo.padded).reshape(b, geo.padded, kvh, g, d)
-    kp = _pad_seq(k, geo.padded)
-    vp = _pad_seq(v, geo.padded)
+    b, kvh, d = geo.batch, geo.kv_heads, geo.head_dim
+    rows = geo.block_q * geo.group
+    qr = _rows(geo, q)
+    kh = _heads_first(geo, k)
+    vh = _heads_first(geo, v)
 
     def q_step(carry: None, i: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
-        q_start = i * bq
-        qb = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
+        q_start = i * geo.block_q
+        qb = lax.dynamic_slice_in_dim(qr, i * rows, rows, axis=2)
 
-        def k_step(j: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            acc, m, l = state
-            kb = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
-            vb = lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
-            s = _scores(geo, qb, kb, q_start, j * bk, causal)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            correction = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
-            l = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vb,
-                            preferred_element_type=jnp.float32)
-            return acc * correction[..., None] + pv, m_new, l
+        def k_step(masked: bool):
+            def step(j: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                acc, m, l = state
+                k_start = j * geo.block_k
+                kb = lax.dynamic_slice_in_dim(kh, k_start, geo.block_k, axis=2)
+                vb = lax.dynamic_slice_in_dim(vh, k_start, geo.block_k, axis=2)
+                s = _scores(geo, qb, kb, q_start, k_start, causal, masked)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                correction = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                l = l * correction + p.sum(axis=-1)
+                pv = _matmul("bkms,bksd->bkmd", p.astype(v.dtype), vb, exact=False)
+                return acc * correction[..., None] + pv, m_new, l
+            return step
 
-        init = (jnp.zeros((b, kvh, g, bq, d), jnp.float32),
-                jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, kvh, g, bq), jnp.float32))
-        # Causal: key blocks starting after this query block's last row are above the diagonal
-        # and skipped (the loop bound), not masked.
-        upper = (lax.div(q_start + bq + bk - 1, bk) if causal else geo.num_k_blocks)
-        acc, m, l = lax.fori_loop(0, upper, k_step, init)
-        out = jnp.einsum("bkgqd->bqkgd", acc / l[..., None]).astype(q.dtype)
-        return carry, (out, m + jnp.log(l))
+        state = (jnp.zeros((b, kvh, rows, d), jnp.float32),
+                 jnp.full((b, kvh, rows), -jnp.inf, jnp.float32),
+                 jnp.zeros((b, kvh, rows), jnp.float32))
+        free, upper = _key_ranges(geo, q_start, causal)
+        state = lax.fori_loop(0, free, k_step(False), state)
+        acc, m, l = lax.fori_loop(free, upper, k_step(True), state)
+        return carry, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
 
     _, (out, lse) = lax.scan(q_step, None, jnp.arange(geo.num_q_blocks, dtype=jnp.int32))
-    # out: [nq, b, bq, kvh, g, d]; lse: [nq, b, kvh, g, bq].
-    out = jnp.moveaxis(out, 0, 1).reshape(b, geo.padded, geo.heads, d)[:, :geo.seq]
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, geo.padded)
-    return out, lse
+    # out: [nq, b, kvh, rows, d]; lse: [nq, b, kvh, rows] -> row layout over the padded seq.
+    out = jnp.moveaxis(out, 0, 2).reshape(b, kvh, geo.padded * geo.group, d)
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, kvh, geo.padded * geo.group)
+    return _unrows(geo, out), lse
 
 
 def _backward(causal: bool, block_q: int, block_k: int,
@@ -225,56 +311,56 @@ def _backward(causal: bool, block_q: int, block_k: int,
     """Backward pass recomputing probabilities tile by tile (FlashAttention-2, Alg. 2)."""
     q, k, v, out, lse = res
     geo = _geometry(q, k, block_q, block_k)
-    b, kvh, g, d = geo.batch, geo.kv_heads, geo.group, geo.head_dim
-    bq, bk = geo.block_q, geo.block_k
-    qg = _pad_seq(q, geo.padded).reshape(b, geo.padded, kvh, g, d)
-    dog = _pad_seq(dout, geo.padded).reshape(b, geo.padded, kvh, g, d)
-    kp = _pad_seq(k, geo.padded)
-    vp = _pad_seq(v, geo.padded)
+    b, kvh, d = geo.batch, geo.kv_heads, geo.head_dim
+    rows = geo.block_q * geo.group
+    qr = _rows(geo, q)
+    dor = _rows(geo, dout)
+    kh = _heads_first(geo, k)
+    vh = _heads_first(geo, v)
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax-backward row term, fp32.
-    delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
-    delta = jnp.pad(delta, [(0, 0), (0, 0), (0, geo.padded - geo.seq)])
-    delta = delta.reshape(b, kvh, g, geo.padded)
+    delta = _rows(geo, jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32),
+                                  dout.astype(jnp.float32)))
 
     def k_step(dq: jax.Array, j: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        k_start = j * bk
-        kb = lax.dynamic_slice_in_dim(kp, k_start, bk, axis=1)
-        vb = lax.dynamic_slice_in_dim(vp, k_start, bk, axis=1)
+        k_start = j * geo.block_k
+        kb = lax.dynamic_slice_in_dim(kh, k_start, geo.block_k, axis=2)
+        vb = lax.dynamic_slice_in_dim(vh, k_start, geo.block_k, axis=2)
 
-        def q_step(i: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            dq, dk, dv = state
-            q_start = i * bq
-            qb = lax.dynamic_slice_in_dim(qg, q_start, bq, axis=1)
-            dob = lax.dynamic_slice_in_dim(dog, q_start, bq, axis=1)
-            lse_b = lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)
-            delta_b = lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
-            s = _scores(geo, qb, kb, q_start, k_start, causal)
-            p = jnp.exp(s - lse_b[..., None])
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dout.dtype), dob,
-                                 preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_b[..., None]) * geo.scale
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), qb,
-                                 preferred_element_type=jnp.float32)
-            dq_tile = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), kb,
-                                 preferred_element_type=jnp.float32)
-            dq = lax.dynamic_update_slice_in_dim(
-                dq, lax.dynamic_slice_in_dim(dq, q_start, bq, axis=1) + dq_tile, q_start, axis=1)
-            return dq, dk, dv
+        def q_step(masked: bool):
+            def step(i: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                dq, dk, dv = state
+                r0 = i * rows
+                qb = lax.dynamic_slice_in_dim(qr, r0, rows, axis=2)
+                dob = lax.dynamic_slice_in_dim(dor, r0, rows, axis=2)
+                lse_b = lax.dynamic_slice_in_dim(lse, r0, rows, axis=2)
+                delta_b = lax.dynamic_slice_in_dim(delta, r0, rows, axis=2)
+                s = _scores(geo, qb, kb, i * geo.block_q, k_start, causal, masked)
+                p = jnp.exp(s - lse_b[..., None])
+                dv = dv + _matmul("bkms,bkmd->bksd", p.astype(dout.dtype), dob, exact=False)
+                dp = _matmul("bkmd,bksd->bkms", dob, vb, exact=True)
+                ds = (p * (dp - delta_b[..., None]) * geo.scale).astype(q.dtype)
+                dk = dk + _matmul("bkms,bkmd->bksd", ds, qb, exact=False)
+                dq_tile = _matmul("bkms,bksd->bkmd", ds, kb, exact=False)
+                dq = lax.dynamic_update_slice_in_dim(
+                    dq, lax.dynamic_slice_in_dim(dq, r0, rows, axis=2) + dq_tile, r0, axis=2)
+                return dq, dk, dv
+            return step
 
-        zeros = jnp.zeros((b, bk, kvh, d), jnp.float32)
-        # Causal: query blocks ending before this key block are above the diagonal; skip them.
-        lower = lax.div(k_start, bq) if causal else 0
-        dq, dk, dv = lax.fori_loop(lower, geo.num_q_blocks, q_step, (dq, zeros, zeros))
+        zeros = jnp.zeros((b, kvh, geo.block_k, d), jnp.float32)
+        lower, mid = _query_ranges(geo, k_start, j, causal)
+        state = lax.fori_loop(lower, mid, q_step(True), (dq, zeros, zeros))
+        dq, dk, dv = lax.fori_loop(mid, geo.num_q_blocks, q_step(False), state)
         return dq, (dk, dv)
 
-    dq0 = jnp.zeros((b, geo.padded, kvh, g, d), jnp.float32)
+    dq0 = jnp.zeros((b, kvh, geo.padded * geo.group, d), jnp.float32)
     dq, (dk, dv) = lax.scan(k_step, dq0, jnp.arange(geo.num_k_blocks, dtype=jnp.int32))
-    dq = dq.reshape(b, geo.padded, geo.heads, d)[:, :geo.seq].astype(q.dtype)
-    # dk, dv: [nk, b, bk, kvh, d] -> [b, seq, kvh, d].
-    dk = jnp.moveaxis(dk, 0, 1).reshape(b, geo.padded, kvh, d)[:, :geo.seq].astype(k.dtype)
-    dv = jnp.moveaxis(dv, 0, 1).reshape(b, geo.padded, kvh, d)[:, :geo.seq].astype(v.dtype)
+    dq = _unrows(geo, dq).astype(q.dtype)
+    # dk, dv: [nk, b, kvh, bk, d] -> [b, seq, kvh, d].
+    dk = jnp.moveaxis(dk, 0, 2).reshape(b, kvh, geo.padded, d)
+    dv = jnp.moveaxis(dv, 0, 2).reshape(b, kvh, geo.padded, d)
+    dk = jnp.swapaxes(dk, 1, 2)[:, :geo.seq].astype(k.dtype)
+    dv = jnp.swapaxes(dv, 1, 2)[:, :geo.seq].astype(v.dtype)
     return dq, dk, dv
 
 

@@ -89,7 +89,7 @@ def test_platform_default_drives_auto_and_pallas_interpret(monkeypatch: pytest.M
     attention_lib.attention(q, k, v, impl="pallas")
     attention_lib.attention(q, k, v, impl="auto", platform="gpu")
     attention_lib.attention(q, k, v, impl="auto", platform="cpu")
-    assert calls == [("blockwise", {"causal": True}),
+    assert calls == [("blockwise", {"causal": True, "platform": "xpu"}),
                      ("pallas", {"causal": True, "interpret": True}),
                      ("pallas", {"causal": True, "interpret": False}),
                      ("xla", {"causal": True})]
