@@ -2,7 +2,19 @@
 
 import os
 
+from agpt_jax import hostmem
+
+# Test workers and the scripts the tests start inherit the huge-page tunable the scripts give
+# themselves (agpt_jax/hostmem.py); glibc reads it when those processes start.
+os.environ.update(hostmem.environment())
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from agpt_jax import runtime  # noqa: E402
+
+# The XLA CPU flags the runtime adds when it starts jax in one process; tests that touch jax
+# before calling runtime.initialize() run under the same ones.
+runtime.apply_cpu_xla_flags()
