@@ -12,15 +12,20 @@ The ceiling is measured in the same run too: the median GFLOP/s of jitted square
 `flops_per_token x tokens/s / peak` with `GPTConfig.flops_per_token()` (6 x matmul weights + 12 x
 layers x seq x hidden, spec/jax-stack.md §8). Torch's MFU is against torch's own matmul peak.
 
-Every variant runs in its own process (XLA flags must be set before jax starts, and peak RSS is then
-per variant, read from `wait4`'s rusage of the child). Medians over `--steps` timed steps after
-`--warmup` untimed ones (the first includes compilation, reported separately).
+The first JAX variant is agpt-jax as a user runs it on CPU: bf16 compute, blockwise attention (what
+"auto" picks at seq 1024), the XLA CPU flag `agpt_jax.runtime` sets, and the huge-page tunable the
+scripts start with (`agpt_jax/hostmem.py`). Each further variant changes one of these.
+
+Every variant runs in its own process (XLA flags and glibc tunables must be set before the process
+starts, and peak RSS is then per variant, read from `wait4`'s rusage of the child). Medians over
+`--steps` timed steps after `--warmup` untimed ones (the first includes compilation, reported
+separately).
 
     python benchmarks/train_step.py                 # full table, about 10 minutes on 2 cores
     python benchmarks/train_step.py --quick         # smoke run: 1 warm-up and 2 timed steps
     python benchmarks/train_step.py --repeat 2      # each variant twice; prints the spread
-    python benchmarks/train_step.py --only blockwise,fp32   # a subset of the JAX variants
-    python benchmarks/train_step.py --profile DIR   # XLA dump + jax.profiler trace of the best
+    python benchmarks/train_step.py --only defaults,fp32    # a subset of the JAX variants
+    python benchmarks/train_step.py --profile DIR   # XLA dump + jax.profiler trace of the default
                                                     # variant, and a breakdown of where time goes
 """
 
@@ -35,6 +40,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from agpt_jax import hostmem
 
 PRESET = "bench_125m"
 MICRO_BATCH = 2
@@ -53,17 +60,20 @@ class Variant:
             (square matmul ceilings).
         dtype: "float32" or "bfloat16": the JAX compute dtype, torch autocast dtype, or matmul
             dtype.
-        thunk: XLA's CPU thunk runtime on (jax 0.5.0 default) or off (`THUNK_OFF`).
-        attention: agpt_jax attention implementation ("xla" | "blockwise").
-        scan_layers: rolled nn.scan over the layers (True) or unrolled (False).
+        thunk: XLA's CPU thunk runtime on (jax 0.5.0's default) or off (`THUNK_OFF`, which
+            agpt_jax.runtime sets).
+        attention: agpt_jax attention implementation ("xla" | "blockwise"; the preset's "auto"
+            is "blockwise" at seq 1024 on CPU).
+        huge_pages: start the process with glibc's huge-page tunable, as agpt-jax's scripts do
+            (agpt_jax/hostmem.py), or with glibc's defaults.
     """
 
     name: str
     kind: str
     dtype: str = "bfloat16"
-    thunk: bool = True
-    attention: str = "xla"
-    scan_layers: bool = True
+    thunk: bool = False
+    attention: str = "blockwise"
+    huge_pages: bool = True
 
     def xla_flags(self, extra: str = "") -> str:
         flags = [] if self.thunk else [THUNK_OFF]
@@ -72,22 +82,26 @@ class Variant:
         return " ".join(flags)
 
 
+DEFAULT = Variant("jax bf16 (agpt-jax defaults)", "jax")
+
+
 def jax_variants(quick: bool) -> list[Variant]:
-    """The agpt-jax configurations measured (remat none, the bench_125m preset's own setting)."""
-    out = []
-    for dtype, short in (("bfloat16", "bf16"), ("float32", "fp32")):
-        for thunk in (False, True):
-            runtime = "thunk" if thunk else "no-thunk"
-            out.append(Variant(f"jax {short} {runtime} xla-attn", "jax", dtype, thunk))
-    out.append(Variant("jax bf16 no-thunk blockwise", "jax", "bfloat16", False, "blockwise"))
-    out.append(Variant("jax bf16 no-thunk unrolled", "jax", "bfloat16", False, scan_layers=False))
-    if quick:
-        out = [v for v in out if v.dtype == "bfloat16" and not v.thunk and v.scan_layers]
-    return out
+    """agpt-jax as a user runs it on CPU (bf16, blockwise attention, the runtime's XLA flags,
+    huge pages), then one change at a time (remat none, the bench_125m preset's own setting)."""
+    out = [DEFAULT,
+           dataclasses.replace(DEFAULT, name="jax bf16, glibc malloc defaults", huge_pages=False),
+           dataclasses.replace(DEFAULT, name="jax bf16, xla attention", attention="xla"),
+           dataclasses.replace(DEFAULT, name="jax bf16, thunk runtime", thunk=True),
+           dataclasses.replace(DEFAULT, name="jax fp32", dtype="float32")]
+    return out[:1] if quick else out
 
 
+# The baselines run with the same huge-page tunable (torch's CPU allocator is glibc malloc too);
+# one row shows torch with glibc's defaults.
 TORCH_VARIANTS = [Variant("torch fp32", "torch", "float32"),
-                  Variant("torch bf16 autocast", "torch", "bfloat16")]
+                  Variant("torch bf16 autocast", "torch", "bfloat16"),
+                  Variant("torch fp32, glibc malloc defaults", "torch", "float32",
+                          huge_pages=False)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +164,7 @@ def _jax_setup(v: Variant):
     from agpt_jax import optim, runtime, train
 
     cfg = model_lib.get_preset(PRESET).replace(compute_dtype=v.dtype, remat="none",
-                                               attention=v.attention, scan_layers=v.scan_layers)
+                                               attention=v.attention)
     mesh = runtime.make_mesh(runtime.MeshConfig(data=1, fsdp=1, tensor=1),
                              devices=jax.devices()[:1])
     schedule_cfg = optim.ScheduleConfig(style="constant", max_lr=3e-4, min_lr=3e-4,
@@ -258,8 +272,9 @@ def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
 def _trace_op_times(trace_dir: str) -> dict[str, float]:
     """Sums the durations (ms) of non-Python events in a jax.profiler trace, by event name.
 
-    With the thunk runtime the trace holds one event per XLA op (named as in the HLO dump, e.g.
-    `dot.12`, `fusion.3`); the non-thunk runtime records only whole executions.
+    The trace holds one event per XLA op (named as in the HLO dump, e.g. `fusion.3`,
+    `custom-call.12` for a oneDNN matmul): the thunk runtime records them always, the other one
+    with `--xla_cpu_enable_xprof_traceme=true` (which the profile mode sets).
     """
     import glob
     import gzip
@@ -383,7 +398,13 @@ def child_profile(v: Variant, out_dir: str, steps: int) -> dict[str, Any]:
 def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
               profile_dir: str | None = None) -> dict[str, Any]:
     """Runs one variant in a fresh process; adds its peak RSS (GiB) from wait4's rusage."""
-    env = dict(os.environ)
+    if v.huge_pages:
+        env = hostmem.environment(os.environ)
+    else:
+        env = dict(os.environ, **{hostmem.ENV_VAR: "system"})
+        kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                if t and t.split("=", 1)[0] != hostmem.TUNABLE.split("=", 1)[0]]
+        env["GLIBC_TUNABLES"] = ":".join(kept)
     env["XLA_FLAGS"] = v.xla_flags(extra_flags)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(dataclasses.asdict(v)),
@@ -493,7 +514,7 @@ def profile(args: argparse.Namespace) -> None:
     out_dir = os.path.abspath(args.profile)
     os.makedirs(out_dir, exist_ok=True)
     dump = os.path.join(out_dir, "xla_dump")
-    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text"
+    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_cpu_enable_xprof_traceme=true"
     peak = run_child(Variant("peak", "jax_peak", v.dtype, v.thunk), args)["peak"]
     r = run_child(v, args, extra_flags=flags, profile_dir=out_dir)
     step = statistics.median(r["step_s"])
@@ -534,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated substrings: measure only the JAX variants whose name "
                         "contains one (the torch baselines always run)")
     p.add_argument("--profile", default=None, help="profile one JAX variant into this folder")
-    p.add_argument("--variant", default="jax bf16 no-thunk blockwise", help="variant to profile")
+    p.add_argument("--variant", default=DEFAULT.name, help="variant to profile")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps is None:
