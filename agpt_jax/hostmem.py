@@ -14,9 +14,9 @@ the heap fragment: resident memory grew from 4.0 to 10.7 GB over 24 steps, so it
 
 glibc reads its tunables once, when the process starts. So:
 
-- `reexec_with_huge_pages()`, called first thing by the command-line scripts, re-executes the
-  same command (same PID, arguments and environment) with the tunable added to GLIBC_TUNABLES
-  when it is not already there;
+- `reexec_with_huge_pages()`, called first under the command-line scripts' `__main__` guard (never
+  on import: it replaces the process), re-executes the same command (same PID, arguments and
+  environment) with the tunable added to GLIBC_TUNABLES when it is not already there;
 - `environment()` returns an environment with the tunable added, for child processes and test
   workers.
 
@@ -77,9 +77,9 @@ def environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 def reexec_with_huge_pages() -> None:
     """Re-executes this command with the tunable set, unless it is set or not `wanted`.
 
-    Call it first in a program, before anything else has run: the process is replaced (same
-    PID), so nothing done before the call survives it. Returns only when no re-execution is
-    needed.
+    Call it first in a program's `__main__` block, before any real work: the process is replaced
+    (same PID), so nothing done before the call survives it. Never call it on import. Returns
+    only when no re-execution is needed.
     """
     if not wanted() or _has_tunable(_AT_START):
         return

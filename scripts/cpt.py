@@ -18,13 +18,10 @@ import os
 import sys
 import traceback
 
+from absl import app, flags, logging
+from ml_collections import config_flags
+
 from agpt_jax import hostmem
-
-# First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
-hostmem.reexec_with_huge_pages()
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<recipe>.py:<agpt_7b|demo|smoke>", lock_config=True)
@@ -175,6 +172,8 @@ def _config_file_error(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
+    # First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
+    hostmem.reexec_with_huge_pages()
     if "--debug" not in sys.argv:
         problem = _config_file_error(sys.argv)
         if problem is not None:

@@ -49,9 +49,6 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 from agpt_jax import hostmem  # noqa: E402
 
-# First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
-hostmem.reexec_with_huge_pages()
-
 MARKER = ".agpt-jax-demo"
 VOCAB_SIZE = 2048  # the "demo" model preset's vocabulary
 DOC_CHARS = 1500  # documents are cut at paragraph ends near this length
@@ -587,4 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
+    hostmem.reexec_with_huge_pages()
     sys.exit(main())

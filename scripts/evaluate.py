@@ -36,12 +36,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from agpt_jax import hostmem
-
-# First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
-hostmem.reexec_with_huge_pages()
-
-import numpy as np  # noqa: E402
 
 SPLITS = ("valid", "test", "train", "all")
 DTYPES = ("float32", "bfloat16")
@@ -468,4 +465,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # First: glibc reads its tunables only at start-up (agpt_jax/hostmem.py); this may re-execute.
+    hostmem.reexec_with_huge_pages()
     sys.exit(main())
