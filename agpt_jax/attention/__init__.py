@@ -29,10 +29,11 @@ IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 CHOICES = IMPLEMENTATIONS + ("auto",)
 PLATFORMS = ("cpu", "gpu", "xpu", "tpu")
 
-# From this sequence length on, "auto" avoids the materialised [seq, seq] scores on CPU and TPU.
-# Measured on CPU with benchmarks/attention.py (8 / 2 heads, head_dim 128, fp32, fwd + bwd):
-# blockwise vs xla is 1.08x the time at 256, 0.89x at 512, 0.55x the time and 0.29x the temporary
-# memory at 1024, 0.42x and 0.075x at 2048.
+# From these sequence lengths on, "auto" avoids the materialised [seq, seq] scores: CPU_LONG_SEQUENCE
+# on CPU, LONG_SEQUENCE on TPU. Measured on CPU with benchmarks/attention.py (8 / 2 heads, head_dim
+# 128, fp32, fwd + bwd, BENCHMARKS.md): blockwise takes 1.17x xla's time at 128, 0.68x at 256,
+# 0.44x at 512, 0.21x at 1024 and 0.23x at 2048, with 0.94x to 0.076x of its temporary memory.
+CPU_LONG_SEQUENCE = 256
 LONG_SEQUENCE = 1024
 
 _default_platform: str | None = None
@@ -82,7 +83,8 @@ def select(impl: str, platform: str, seq_len: int) -> str:
     """Resolves an implementation name; "auto" becomes a concrete one (logged once per choice).
 
     "auto" picks "pallas" on CUDA GPUs; "blockwise" on XPU (no Pallas lowering for `sycl` at jax
-    0.5.0, spec/jax-stack.md §2) and for seq_len >= LONG_SEQUENCE elsewhere; "xla" otherwise.
+    0.5.0, spec/jax-stack.md §2), on CPU from seq_len CPU_LONG_SEQUENCE and on TPU from
+    LONG_SEQUENCE; "xla" otherwise.
 
     Args:
         impl: one of CHOICES.
@@ -105,11 +107,11 @@ def select(impl: str, platform: str, seq_len: int) -> str:
     elif platform == "xpu":
         choice, reason = "blockwise", ("XPU: Pallas has no lowering for the sycl platform at "
                                        "jax 0.5.0; blockwise is the memory-efficient path")
-    elif seq_len >= LONG_SEQUENCE:
-        choice, reason = "blockwise", (f"seq {seq_len} >= {LONG_SEQUENCE}: avoid materialising "
-                                       "[seq, seq] scores")
+    elif seq_len >= (threshold := CPU_LONG_SEQUENCE if platform == "cpu" else LONG_SEQUENCE):
+        choice, reason = "blockwise", (f"seq {seq_len} >= {threshold} on {platform}: avoid "
+                                       "materialising [seq, seq] scores")
     else:
-        choice, reason = "xla", f"seq {seq_len} < {LONG_SEQUENCE} on {platform}: plain attention"
+        choice, reason = "xla", f"seq {seq_len} < {threshold} on {platform}: plain attention"
     key = (platform, choice, reason)
     if key not in _logged_choices:
         _logged_choices.add(key)

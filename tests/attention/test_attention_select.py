@@ -24,10 +24,12 @@ def fresh_choice_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     ("gpu", 4096, "pallas"),
     ("xpu", 128, "blockwise"),
     ("xpu", 4096, "blockwise"),
-    ("cpu", 512, "xla"),
-    ("cpu", attention_lib.LONG_SEQUENCE - 1, "xla"),
-    ("cpu", attention_lib.LONG_SEQUENCE, "blockwise"),
+    ("cpu", 128, "xla"),
+    ("cpu", attention_lib.CPU_LONG_SEQUENCE - 1, "xla"),
+    ("cpu", attention_lib.CPU_LONG_SEQUENCE, "blockwise"),
+    ("cpu", 4096, "blockwise"),
     ("tpu", 512, "xla"),
+    ("tpu", attention_lib.LONG_SEQUENCE, "blockwise"),
     ("tpu", 8192, "blockwise"),
 ])
 def test_auto_choice(platform: str, seq_len: int, expected: str) -> None:
