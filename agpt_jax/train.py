@@ -158,17 +158,12 @@ def train_step(state: TrainState, batch: Batch, *, model: model_lib.GPT,
         grad_norm = optim.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def apply(_):
-            updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-            return (optax.apply_updates(state.params, updates), new_opt_state,
-                    optim.global_norm(updates))
-
-        def skip(_):
-            return state.params, state.opt_state, jnp.float32(0.0)
-
-        # A conditional, not a select of new against old state: with a select every donated
-        # buffer has two readers and XLA copies all of them before the step.
-        new_params, new_opt_state, update_norm = jax.lax.cond(finite, apply, skip, None)
+        # The skip is arithmetic (`apply`, see agpt_jax.optim): a lax.cond runs the optimizer on
+        # one thread on XLA's CPU runtime, and a select of new against old state makes XLA copy
+        # every donated buffer before the step.
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, apply=finite)
+        new_params = optax.apply_updates(state.params, updates)
+        update_norm = optim.global_norm(updates)
         next_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state)
         metrics = {
             "loss": loss,

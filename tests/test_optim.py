@@ -85,12 +85,14 @@ def random_grads(n_steps: int, scale: float, seed: int = 1) -> list[dict]:
             for _ in range(n_steps)]
 
 
-def run_jax(params, grads_per_step, tx, opt_state=None):
+def run_jax(params, grads_per_step, tx, opt_state=None, apply=True):
+    """Runs the updates as the train step does (`apply` passed, True) or without it (None)."""
     opt_state = tx.init(params) if opt_state is None else opt_state
+    extra = {} if apply is None else {"apply": jnp.asarray(apply)}
 
     @jax.jit
     def step(p, s, g):
-        updates, s = tx.update(g, s, p)
+        updates, s = tx.update(g, s, p, **extra)
         return optax.apply_updates(p, updates), s
 
     out = []
@@ -260,3 +262,53 @@ def test_bad_input_errors_name_the_field():
         optim.replace_adam_state(state, -1, params, params)
     with pytest.raises(ValueError, match="make_optimizer"):
         optim.adam_state(optax.adam(1e-3).init(params))
+
+
+def test_skipped_update_leaves_state_bit_identical_and_apply_true_changes_nothing():
+    """apply=False is an exact no-op even on non-finite grads, also as the very first update;
+    apply=True is the plain update (to fp32 rounding: XLA may contract the two forms differently)."""
+    cfg = optim.OptimConfig()
+    schedule = optim.make_schedule(optim.ScheduleConfig(style="constant", max_lr=1e-2, min_lr=1e-2,
+                                                        train_iters=10, global_batch_size=1))
+    tx = optim.make_optimizer(cfg, schedule)
+    params = jax.tree.map(jnp.asarray, make_params())
+    grads = random_grads(3, scale=0.5)
+    bad = jax.tree.map(lambda g: g.copy(), grads[0])
+    bad["lm_head"]["kernel"][0, 0] = np.nan
+    bad["embed"]["embedding"][1, 2] = np.inf
+
+    @jax.jit
+    def step(p, s, g, ok):
+        updates, s = tx.update(g, s, p, apply=ok)
+        return optax.apply_updates(p, updates), s, optim.global_norm(updates)
+
+    @jax.jit
+    def step_plain(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    def same(a, b):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def close(a, b):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
+
+    state = tx.init(params)
+    # Skipped first update (count 0): nothing moves, no NaN from 0 / 0 bias correction.
+    p1, s1, norm = step(params, state, bad, jnp.asarray(False))
+    same((p1, s1), (params, state))
+    assert float(norm) == 0.0
+    # An applied update is the plain one.
+    p2, s2, _ = step(p1, s1, grads[1], jnp.asarray(True))
+    q2, r2 = step_plain(params, state, grads[1])
+    close((p2, s2), (q2, r2))
+    assert np.max(np.abs(np.asarray(p2["lm_head"]["kernel"] - params["lm_head"]["kernel"]))) > 1e-3
+    assert int(optim.adam_state(s2)[0]) == 1 and int(optim.schedule_count(s2)) == 1
+    # A skip mid-run: params, moments, counts and the stored pre-clip norm stay as they were.
+    p3, s3, norm = step(p2, s2, bad, jnp.asarray(False))
+    same((p3, s3), (p2, s2))
+    assert float(norm) == 0.0
+    # ... and the run continues as if the skipped step never happened.
+    close(step(p3, s3, grads[2], jnp.asarray(True))[:2], step_plain(q2, r2, grads[2]))
