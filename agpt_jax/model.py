@@ -302,9 +302,19 @@ class MLP(nn.Module):
 
         gate = _tokens_matmul("th,hf->tf", x, kernel("gate", (h, f), (sh.EMBED, sh.MLP), init))
         up = _tokens_matmul("th,hf->tf", x, kernel("up", (h, f), (sh.EMBED, sh.MLP), init))
-        inner = nn.with_logical_constraint(nn.silu(gate) * up, sh.ACT_MLP_AXES)
-        return _tokens_matmul("tf,fh->th", inner, kernel("down", (f, h), (sh.MLP, sh.EMBED),
-                                                           out_init))
+        return _swiglu_down(gate, up, kernel("down", (f, h), (sh.MLP, sh.EMBED), out_init))
+
+
+@jax.checkpoint
+def _swiglu_down(gate: jax.Array, up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """down(silu(gate) * up), saving only gate and up for the backward pass.
+
+    The backward recomputes silu(gate) * up (one element-wise pass) instead of keeping it and
+    silu's intermediates: autodiff alone saved four [batch, seq, ffn] tensors per layer, each
+    also a per-layer buffer that XLA initialises with a copy under the layer scan.
+    """
+    inner = nn.with_logical_constraint(nn.silu(gate) * up, sh.ACT_MLP_AXES)
+    return _tokens_matmul("tf,fh->th", inner, w_down)
 
 
 class Block(nn.Module):
