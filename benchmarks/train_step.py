@@ -248,7 +248,7 @@ def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return loss.item()
 
     times, losses, first = [], [], 0.0
     for i in range(warmup + steps):
