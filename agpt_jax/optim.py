@@ -28,7 +28,7 @@ as ``tx.update(grads, state, params, apply=ok)``). When it is False the update i
 train step uses it to skip non-finite steps with plain arithmetic instead of a ``lax.cond`` (XLA's
 CPU runtime runs a conditional's branches on one thread: the bench_125m optimizer took 1.15-1.35 s
 inside one and 0.53-0.67 s outside) or a select of new against old state (which makes XLA copy
-every donated buffer first).
+all the donated state first).
 
 Two counters, on purpose: the Adam ``count`` (bias correction) and the schedule's ``count`` are
 separate leaves of the state. A continued-pretraining run loads a checkpoint's Adam moments and step

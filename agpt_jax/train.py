@@ -160,7 +160,8 @@ def train_step(state: TrainState, batch: Batch, *, model: model_lib.GPT,
 
         # The skip is arithmetic (`apply`, see agpt_jax.optim): a lax.cond runs the optimizer on
         # one thread on XLA's CPU runtime, and a select of new against old state makes XLA copy
-        # every donated buffer before the step.
+        # all 33 donated state arrays before the step. This form still costs a copy of the fp32
+        # params (update_norm's pass and the in-place update both read them, unordered).
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params, apply=finite)
         new_params = optax.apply_updates(state.params, updates)
         update_norm = optim.global_norm(updates)
