@@ -11,11 +11,15 @@ Command lines:
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import shutil
+import socket
 import sys
 from typing import Callable
+
+from absl import logging
 
 
 # tensorstore's message for a failed file write (disk full, quota, size limit).
@@ -28,8 +32,44 @@ class ConversionError(ValueError):
 
 
 def temporary_path(dst: str) -> str:
-    """Where a conversion writes before the final rename: `DST.tmp-<pid>`."""
-    return f"{os.path.abspath(dst)}.tmp-{os.getpid()}"
+    """Where a conversion writes before the final rename: `DST.tmp-<host>-<pid>`."""
+    return f"{_temporary_prefix(dst)}{os.getpid()}"
+
+
+def _temporary_prefix(dst: str) -> str:
+    # The host is in the name so that a conversion on a shared filesystem only judges the
+    # temporaries of its own host's processes.
+    return f"{os.path.abspath(dst)}.tmp-{socket.gethostname()}-"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: str) -> list[str]:
+    """Removes `DST.tmp-<this host>-<pid>` folders whose process no longer exists.
+
+    A conversion that was killed (SIGKILL, out of memory, a job's time limit) cannot clean up
+    after itself; the next conversion to the same destination does. Temporaries of live
+    processes and of other hosts are left alone.
+
+    Returns:
+        the removed paths.
+    """
+    prefix = _temporary_prefix(dst)
+    removed = []
+    for path in sorted(glob.glob(glob.escape(prefix) + "*")):
+        pid = path[len(prefix):]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def check_destination(dst: str) -> str:
@@ -61,11 +101,14 @@ def _is_write_failure(e: Exception) -> bool:
 
 
 def write_atomically(dst: str, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` into `DST.tmp-<pid>` and rename it to DST; remove the temporary on error.
+    """Run `write(tmp)` into `DST.tmp-<host>-<pid>` and rename it to DST; remove the temporary
+    on error, and the temporaries of killed earlier conversions to DST before starting.
 
     An interrupted or failed conversion therefore never leaves anything at DST.
     """
     dst = check_destination(dst)
+    for path in remove_stale_temporaries(dst):
+        logging.info("removed %s, left by a conversion that was killed", path)
     tmp = temporary_path(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -10,7 +10,7 @@ metadata (source, iteration, model config, vocab sizes, param groups, Megatron a
 
 Peak memory is a small multiple of the largest Megatron tensor: each tensor is read (memory-mapped),
 laid out and written as whole chunks before the next one is read. Everything is written to
-`DST.tmp-<pid>` and renamed at the end.
+`DST.tmp-<host>-<pid>` and renamed at the end.
 """
 
 from __future__ import annotations

@@ -106,6 +106,8 @@ def test_converter_kill9_and_full_disk(sources, tmp_path):
         assert import_module(f"converters.{name}").main(
             ["--load", load[name], "--save", dst]) == 0
         _check_output(name, dst)
+        # ... and removes the temporary folder the killed run left.
+        assert not glob.glob(dst + ".tmp-*"), glob.glob(dst + ".tmp-*")
         rows.setdefault(name, {})["kill"] = (killed_at.get(name), leftovers)
 
         full = str(tmp_path / f"full_{name}")
@@ -132,7 +134,8 @@ def test_converter_kill9_and_full_disk(sources, tmp_path):
                     " KiB file-size limit (writes fail with EFBIG); both then run again"),
             "trials": 2,
             "observed": (f"killed with {len(in_tmp or [])} entries in its temporary folder: "
-                         f"--save absent, {len(leftovers)} DST.tmp-<pid> left, rerun succeeded; "
+                         f"--save absent, {len(leftovers)} DST.tmp-<host>-<pid> left, rerun "
+                         "succeeded and removed it; "
                          "full disk: exit 1, one line, nothing at --save or .tmp, rerun "
                          "succeeded"),
             "message": row["full"][:300],
