@@ -21,10 +21,16 @@ starts, and peak RSS is then per variant, read from `wait4`'s rusage of the chil
 `--steps` timed steps after `--warmup` untimed ones (the first includes compilation, reported
 separately).
 
+`--paired N` is the head-to-head for machines whose speed drifts: agpt-jax defaults, torch fp32,
+torch bf16 autocast and the three matmul ceilings each stay up in their own process, and each of N
+rounds takes one measurement from every process in turn. Ratios and MFU are computed within a
+round, so a slow minute slows both sides of a ratio.
+
     python benchmarks/train_step.py                 # full table, about 10 minutes on 2 cores
     python benchmarks/train_step.py --quick         # smoke run: 1 warm-up and 2 timed steps
     python benchmarks/train_step.py --repeat 2      # each variant twice; prints the spread
     python benchmarks/train_step.py --only defaults,fp32    # a subset of the JAX variants
+    python benchmarks/train_step.py --paired 12     # head-to-head: 12 rounds, ratios per round
     python benchmarks/train_step.py --profile DIR   # XLA dump + jax.profiler trace of the default
                                                     # variant, and a breakdown of where time goes
 """
@@ -118,36 +124,64 @@ def _median_gflops(fn, flops: float, reps: int) -> float:
     return flops / statistics.median(times) / 1e9
 
 
-def child_jax_peak(v: Variant, quick: bool) -> dict[str, Any]:
-    """Median GFLOP/s of jitted square matmuls in v.dtype under this process's XLA flags."""
+def _reps(n: int, quick: bool) -> int:
+    return (3 if quick else 10) if n >= 4096 else (5 if quick else 20)
+
+
+def _jax_peak_meter(v: Variant, quick: bool):
+    """Jitted square matmuls in v.dtype under this process's XLA flags, compiled and warm.
+
+    Returns:
+        a function measuring {size: median GFLOP/s} once more on each call.
+    """
     import jax
     import jax.numpy as jnp
 
     dtype = jnp.dtype(v.dtype)
-    out = {}
+    f = jax.jit(lambda x, y: x @ y)
+    operands = {}
     for n in MATMUL_SIZES:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
         b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-        f = jax.jit(lambda x, y: x @ y)
         f(a, b).block_until_ready()
-        reps = (3 if quick else 10) if n >= 4096 else (5 if quick else 20)
-        out[str(n)] = _median_gflops(lambda: f(a, b).block_until_ready(), 2.0 * n**3, reps)
+        operands[n] = (a, b)
+
+    def measure() -> dict[str, float]:
+        return {str(n): _median_gflops(lambda: f(a, b).block_until_ready(), 2.0 * n**3,
+                                       _reps(n, quick)) for n, (a, b) in operands.items()}
+
+    return measure
+
+
+def _torch_peak_meter(v: Variant, quick: bool):
+    """`_jax_peak_meter` for torch matmuls in v.dtype on 2 threads."""
+    import torch
+
+    torch.set_num_threads(2)
+    dtype = getattr(torch, v.dtype)
+    operands = {}
+    for n in MATMUL_SIZES:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b
+        operands[n] = (a, b)
+
+    def measure() -> dict[str, float]:
+        return {str(n): _median_gflops(lambda: a @ b, 2.0 * n**3, _reps(n, quick))
+                for n, (a, b) in operands.items()}
+
+    return measure
+
+
+def child_jax_peak(v: Variant, quick: bool) -> dict[str, Any]:
+    """Median GFLOP/s of jitted square matmuls in v.dtype under this process's XLA flags."""
+    out = _jax_peak_meter(v, quick)()
     return {"gflops": out, "peak": max(out.values())}
 
 
 def child_torch_peak(v: Variant, quick: bool) -> dict[str, Any]:
     """Median GFLOP/s of torch square matmuls in v.dtype on 2 threads."""
-    import torch
-
-    torch.set_num_threads(2)
-    dtype = getattr(torch, v.dtype)
-    out = {}
-    for n in MATMUL_SIZES:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        a @ b
-        reps = (3 if quick else 10) if n >= 4096 else (5 if quick else 20)
-        out[str(n)] = _median_gflops(lambda: a @ b, 2.0 * n**3, reps)
+    out = _torch_peak_meter(v, quick)()
     return {"gflops": out, "peak": max(out.values())}
 
 
@@ -183,35 +217,67 @@ def _time_steps(step, state, batch, warmup: int, steps: int):
     """Runs warmup + steps iterations; returns (state, first_s, [timed seconds], losses)."""
     import jax
 
-    times, losses, first = [], [], 0.0
-    for i in range(warmup + steps):
+    box = [state]
+
+    def one() -> tuple[float, float]:
         t = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        dt = time.perf_counter() - t
-        losses.append(float(metrics["loss"]))
-        if i == 0:
-            first = dt
-        if i >= warmup:
-            times.append(dt)
-    return state, first, times, losses
+        box[0], metrics = step(box[0], batch)
+        jax.block_until_ready((box[0], metrics))
+        return time.perf_counter() - t, float(metrics["loss"])
+
+    first, times, losses = _run_steps(one, warmup, steps)
+    return box[0], first, times, losses
 
 
-def child_jax(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
-    """tokens/s of the agpt-jax train step."""
+def _jax_stepper(v: Variant):
+    """The agpt-jax train step as a closure: each call runs one step on the same batch.
+
+    Returns:
+        (model config, step function returning (seconds, loss)).
+    """
     import jax
 
     cfg, trainer, batch = _jax_setup(v)
     state = trainer.init(jax.random.PRNGKey(0))
     jax.block_until_ready(state)
-    _, first, times, losses = _time_steps(trainer.step, state, batch, warmup, steps)
-    tokens = MICRO_BATCH * cfg.seq_length
-    return {"first_s": first, "step_s": times, "tokens_per_step": tokens,
+
+    def step() -> tuple[float, float]:
+        nonlocal state
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - t, float(metrics["loss"])
+
+    return cfg, step
+
+
+def _run_steps(step, warmup: int, steps: int) -> tuple[float, list[float], list[float]]:
+    """Runs warmup + steps calls of a stepper; returns (first_s, [timed seconds], losses)."""
+    times, losses, first = [], [], 0.0
+    for i in range(warmup + steps):
+        dt, loss = step()
+        losses.append(loss)
+        if i == 0:
+            first = dt
+        if i >= warmup:
+            times.append(dt)
+    return first, times, losses
+
+
+def child_jax(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
+    """tokens/s of the agpt-jax train step."""
+    cfg, step = _jax_stepper(v)
+    first, times, losses = _run_steps(step, warmup, steps)
+    return {"first_s": first, "step_s": times, "tokens_per_step": MICRO_BATCH * cfg.seq_length,
             "flops_per_token": cfg.flops_per_token(), "losses": losses}
 
 
-def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
-    """tokens/s of HF LlamaForCausalLM + torch AdamW (two groups) + clip_grad_norm_(1.0)."""
+def _torch_stepper(v: Variant):
+    """HF LlamaForCausalLM + torch AdamW (two groups) + clip_grad_norm_(1.0) as a closure.
+
+    Returns:
+        (model config, step function returning (seconds, loss)).
+    """
     import torch
     import torch.nn.functional as F
     import transformers
@@ -240,7 +306,8 @@ def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     autocast = v.dtype == "bfloat16"
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
+        t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=inputs).logits
@@ -248,17 +315,19 @@ def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return loss.item()
+        value = loss.item()
+        return time.perf_counter() - t, value
 
-    times, losses, first = [], [], 0.0
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        losses.append(step())
-        dt = time.perf_counter() - t
-        if i == 0:
-            first = dt
-        if i >= warmup:
-            times.append(dt)
+    return cfg, step
+
+
+def child_torch(v: Variant, warmup: int, steps: int) -> dict[str, Any]:
+    """tokens/s of HF LlamaForCausalLM + torch AdamW (two groups) + clip_grad_norm_(1.0)."""
+    import torch
+    import transformers
+
+    cfg, step = _torch_stepper(v)
+    first, times, losses = _run_steps(step, warmup, steps)
     return {"first_s": first, "step_s": times, "tokens_per_step": MICRO_BATCH * cfg.seq_length,
             "flops_per_token": cfg.flops_per_token(), "losses": losses,
             "torch": torch.__version__, "transformers": transformers.__version__}
@@ -395,9 +464,8 @@ def child_profile(v: Variant, out_dir: str, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
-              profile_dir: str | None = None) -> dict[str, Any]:
-    """Runs one variant in a fresh process; adds its peak RSS (GiB) from wait4's rusage."""
+def _child_env(v: Variant, extra_flags: str = "") -> dict[str, str]:
+    """The environment a variant's process starts with: its XLA flags and malloc tunable."""
     if v.huge_pages:
         env = hostmem.environment(os.environ)
     else:
@@ -407,6 +475,13 @@ def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
         env["GLIBC_TUNABLES"] = ":".join(kept)
     env["XLA_FLAGS"] = v.xla_flags(extra_flags)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
+              profile_dir: str | None = None) -> dict[str, Any]:
+    """Runs one variant in a fresh process; adds its peak RSS (GiB) from wait4's rusage."""
+    env = _child_env(v, extra_flags)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(dataclasses.asdict(v)),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     if args.quick:
@@ -505,6 +580,127 @@ def measure(args: argparse.Namespace) -> None:
           "torch against torch's own matmul peak of its autocast dtype.")
 
 
+# --------------------------------------------------------------------------------------------------
+# Paired mode: long-lived processes, one measurement each per round, ratios within a round.
+# --------------------------------------------------------------------------------------------------
+
+TORCH_FP32, TORCH_BF16 = TORCH_VARIANTS[0], TORCH_VARIANTS[1]
+PAIRED = [DEFAULT, TORCH_FP32, TORCH_BF16,
+          Variant("jax matmul bfloat16 no-thunk", "jax_peak", "bfloat16"),
+          Variant("torch matmul bfloat16", "torch_peak", "bfloat16"),
+          Variant("torch matmul float32", "torch_peak", "float32")]
+
+
+def worker(v: Variant, args: argparse.Namespace) -> None:
+    """A paired-mode process: sets v up, warms it up, then answers each `measure` line on stdin
+    with one RESULT line (the median seconds of `--turn-steps` back-to-back steps after one
+    untimed step, and the last loss; or the matmul GFLOP/s), until stdin closes."""
+    if v.kind in ("jax", "torch"):
+        _, step = (_jax_stepper if v.kind == "jax" else _torch_stepper)(v)
+
+        def measure() -> dict[str, Any]:
+            # The first step after the process sat idle for a round is slower for XLA (5.8-5.9 s
+            # against 4.6-5.6 s back-to-back in one check; torch showed no such effect), and a
+            # training run never idles between steps: it is run but not timed.
+            step()
+            timed = [step() for _ in range(args.turn_steps)]
+            return {"s": statistics.median(t for t, _ in timed), "loss": timed[-1][1]}
+    else:
+        meter = (_jax_peak_meter if v.kind == "jax_peak" else _torch_peak_meter)(v, args.quick)
+
+        def measure() -> dict[str, Any]:
+            gflops = meter()
+            return {"gflops": gflops, "peak": max(gflops.values())}
+    for _ in range(args.warmup):
+        measure()
+    print(_RESULT + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "measure":
+            break
+        print(_RESULT + json.dumps(measure()), flush=True)
+
+
+class _Worker:
+    """The parent's handle on one paired-mode process."""
+
+    def __init__(self, v: Variant, args: argparse.Namespace):
+        self.v = v
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+               json.dumps(dataclasses.asdict(v)), "--warmup", str(args.warmup),
+               "--turn-steps", str(args.turn_steps)]
+        if args.quick:
+            cmd.append("--quick")
+        self.proc = subprocess.Popen(cmd, env=_child_env(v), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith(_RESULT):
+                return json.loads(line[len(_RESULT):])
+        raise RuntimeError(f"paired-mode process for {self.v.name!r} exited (code "
+                           f"{self.proc.wait()}) without a result; its errors are above")
+
+    def measure(self) -> dict[str, Any]:
+        self.proc.stdin.write("measure\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> float:
+        """Ends the process; returns its peak RSS in GiB."""
+        self.proc.stdin.close()
+        _, _, usage = os.wait4(self.proc.pid, 0)
+        return usage.ru_maxrss / 2**20
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def paired(args: argparse.Namespace) -> None:
+    """Head-to-head: agpt-jax defaults, torch fp32, torch bf16 autocast and the matmul ceilings,
+    each in its own long-lived process. Every round measures each once (one train step, or one
+    ceiling), in an order that rotates per round, and the ratios and MFU are taken within a
+    round: drifts of the machine's speed that last longer than a round cancel out."""
+    workers = [_Worker(v, args) for v in PAIRED]
+    try:
+        for w in workers:
+            w.read()  # ready: set up, compiled and warmed up
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for r in range(args.paired):
+            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            rounds.append({w.v.name: w.measure() for w in order})
+            got = rounds[-1]
+            print(f"[{r}] " + "  ".join(
+                f"{name}: " + (f"{m['s']:.2f} s" if "s" in m else f"{m['peak']:.0f} GFLOP/s")
+                for name, m in got.items()), flush=True)
+    finally:
+        rss = {w.v.name: w.close() for w in workers}
+    jax_peak, torch_peaks = PAIRED[3].name, {"float32": PAIRED[5].name, "bfloat16": PAIRED[4].name}
+    tokens = MICRO_BATCH * 1024
+    from agpt_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    flops = model_lib.get_preset(PRESET).flops_per_token() * tokens
+    print()
+    print(f"bench_125m train step, micro-batch {MICRO_BATCH} x seq 1024, {args.paired} paired "
+          f"rounds after {args.warmup} warm-up step(s); per round and variant, the median of "
+          f"{args.turn_steps} back-to-back steps after an untimed one; {os.cpu_count()} CPU "
+          "threads; median (min-max) over the rounds of each round's own figure")
+    print()
+    print(f"| {'variant':30s} | step s | tokens/s | MFU (this round's ceiling) | "
+          f"x torch fp32 | x torch bf16 | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for v in PAIRED[:3]:
+        steps = [rd[v.name]["s"] for rd in rounds]
+        peak = jax_peak if v.kind == "jax" else torch_peaks[v.dtype]
+        mfu = [flops / rd[v.name]["s"] / 1e9 / rd[peak]["peak"] * 100 for rd in rounds]
+        x32 = [rd[TORCH_FP32.name]["s"] / rd[v.name]["s"] for rd in rounds]
+        x16 = [rd[TORCH_BF16.name]["s"] / rd[v.name]["s"] for rd in rounds]
+        print(f"| {v.name:30s} | {_summary(steps)} | {tokens / statistics.median(steps):8.1f} | "
+              f"{statistics.median(mfu):.1f} ({min(mfu):.1f}-{max(mfu):.1f})% | {_summary(x32)}x | {_summary(x16)}x | {rss[v.name]:.2f} |")
+    print()
+    for name in (jax_peak, *torch_peaks.values()):
+        print(f"ceiling {name}: {_summary([rd[name]['peak'] for rd in rounds])} GFLOP/s")
+
+
 def profile(args: argparse.Namespace) -> None:
     """Profiles the variant named by --variant (default: bf16, no thunk runtime, blockwise)."""
     by_name = {v.name: v for v in jax_variants(False)}
@@ -556,15 +752,26 @@ def main(argv: list[str] | None = None) -> None:
                         "contains one (the torch baselines always run)")
     p.add_argument("--profile", default=None, help="profile one JAX variant into this folder")
     p.add_argument("--variant", default=DEFAULT.name, help="variant to profile")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="head-to-head of agpt-jax defaults, torch fp32 and torch bf16 in "
+                        "long-lived processes: ROUNDS rounds of one step each, ratios per round")
+    p.add_argument("--turn-steps", type=int, default=2,
+                   help="paired mode: timed back-to-back steps per variant and round (after one "
+                        "untimed step)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 2 if args.quick else 5
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
-    if args.steps < 1 or args.warmup < 1 or args.repeat < 1:
-        raise ValueError("--steps, --warmup and --repeat must be >= 1 (the first step compiles)")
+    if args.steps < 1 or args.warmup < 1 or args.repeat < 1 or args.turn_steps < 1:
+        raise ValueError("--steps, --warmup, --repeat and --turn-steps must be >= 1 (the first "
+                         "step compiles)")
 
+    if args.worker is not None:
+        worker(Variant(**json.loads(args.worker)), args)
+        return
     if args.child is not None:
         v = Variant(**json.loads(args.child))
         if args.profile:
@@ -581,6 +788,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile:
         profile(args)
+    elif args.paired:
+        paired(args)
     else:
         measure(args)
 
