@@ -273,13 +273,13 @@ class Attention(nn.Module):
         q = _tokens_matmul("th,hnd->tnd", x, wq)
         k = _tokens_matmul("th,hnd->tnd", x, wk)
         v = _tokens_matmul("th,hnd->tnd", x, wv)
-        q = nn.with_logical_constraint(q, sh.ACT_HEADS_AXES)
-        k = nn.with_logical_constraint(k, sh.ACT_KV_HEADS_AXES)
-        v = nn.with_logical_constraint(v, sh.ACT_KV_HEADS_AXES)
+        q = sh.constrain(q, sh.ACT_HEADS_AXES)
+        k = sh.constrain(k, sh.ACT_KV_HEADS_AXES)
+        v = sh.constrain(v, sh.ACT_KV_HEADS_AXES)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = attention_lib.attention(q, k, v, causal=True, impl=cfg.attention)
-        out = nn.with_logical_constraint(out, sh.ACT_HEADS_AXES)
+        out = sh.constrain(out, sh.ACT_HEADS_AXES)
         return _tokens_matmul("tnd,ndh->th", out, wo)
 
 
@@ -313,7 +313,7 @@ def _swiglu_down(gate: jax.Array, up: jax.Array, w_down: jax.Array) -> jax.Array
     silu's intermediates: autodiff alone saved four [batch, seq, ffn] tensors per layer, each
     also a per-layer buffer that XLA initialises with a copy under the layer scan.
     """
-    inner = nn.with_logical_constraint(nn.silu(gate) * up, sh.ACT_MLP_AXES)
+    inner = sh.constrain(nn.silu(gate) * up, sh.ACT_MLP_AXES)
     return _tokens_matmul("tf,fh->th", inner, w_down)
 
 
@@ -325,11 +325,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.config
-        x = nn.with_logical_constraint(x, sh.ACT_EMBED_AXES)
+        x = sh.constrain(x, sh.ACT_EMBED_AXES)
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.weight_dtype, name=name)
         h = x + Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin)
         out = h + MLP(cfg, name="mlp")(norm("mlp_norm")(h))
-        return nn.with_logical_constraint(out, sh.ACT_EMBED_AXES), None
+        return sh.constrain(out, sh.ACT_EMBED_AXES), None
 
 
 def _remat_policy(name: str):
@@ -352,7 +352,12 @@ class Embed(nn.Module):
         table = self.param(
             "embedding", nn.with_logical_partitioning(_normal(cfg.init_std), (sh.VOCAB, sh.EMBED)),
             (cfg.padded_vocab_size, cfg.hidden_size), cfg.weight_dtype)
-        return jnp.take(table.astype(cfg.dtype), tokens, axis=0)
+        # Gathered whole along hidden before the lookup, as FSDP gathers every weight where it is
+        # used: rows looked up from an fsdp-sharded hidden axis come out hidden-sharded, and
+        # their gradient then needs the batch-sharded cotangent reshaped to hidden-sharded, which
+        # XLA's partitioner can only do by gathering the whole [batch, seq, hidden] cotangent.
+        table = sh.constrain(table.astype(cfg.dtype), (sh.VOCAB, None))
+        return jnp.take(table, tokens, axis=0)
 
 
 class LMHead(nn.Module):
@@ -378,7 +383,7 @@ class GPT(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         cfg = self.config
         x = Embed(cfg, name="embed")(tokens)
-        x = nn.with_logical_constraint(x, sh.ACT_EMBED_AXES)
+        x = sh.constrain(x, sh.ACT_EMBED_AXES)
         cos, sin = rotary_cos_sin(tokens.shape[1], cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
         block = Block
@@ -396,7 +401,7 @@ class GPT(nn.Module):
         x, _ = stack(cfg, name="layers")(x, cos, sin)
         x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.weight_dtype, name="final_norm")(x)
         logits = LMHead(cfg, name="lm_head")(x)
-        return nn.with_logical_constraint(logits, sh.ACT_VOCAB_AXES)
+        return sh.constrain(logits, sh.ACT_VOCAB_AXES)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

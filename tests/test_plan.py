@@ -20,6 +20,9 @@ def test_plan_of_a_1b_model_reports_memory_and_flops():
            "blockwise", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    # XLA's SPMD partitioner logs this when a sharding can only be reached by gathering a whole
+    # tensor: activations were being gathered over all devices (fixed by real constraints).
+    assert "Involuntary full rematerialization" not in out.stderr, out.stderr[-3000:]
     plan = json.loads(out.stdout.strip().splitlines()[-1])
     cfg = model_lib.get_preset("agpt_1b")
     assert plan["devices"] == 8 and plan["params"] == cfg.num_params()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,6 +131,36 @@ def test_train_step_lowers_ahead_of_time_from_shapes():
         train.abstract_batch(GBS, CFG.seq_length, trainer.batch_sharding)).compile()
     mem = compiled.memory_analysis()
     assert mem.argument_size_in_bytes > 0
+
+
+def _collective_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, result dims) of every all-gather / all-reduce / reduce-scatter / all-to-all."""
+    found = re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^ ]* "
+                       r"(all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", hlo_text)
+    return [(op, tuple(int(d) for d in dims.split(",") if d)) for dims, op in found]
+
+
+def test_fsdp_step_gathers_weights_not_activations():
+    """FSDP moves weights (gathered before use, gradients reduced), never activations.
+
+    An activation has a [tokens] or [batch, seq] axis; no collective of the compiled step may
+    carry one. This failed while the activation sharding constraints were no-ops on CPU: XLA then
+    gathered every device's activations and all-reduced fp32 [tokens, ffn] partial products.
+    """
+    # seq 48: no weight of the tiny model has a dim of 48 or 16 x 48.
+    cfg = CFG.replace(compute_dtype="bfloat16", remat="none", seq_length=48)
+    mesh = runtime.make_mesh(runtime.MeshConfig(data=2, fsdp=4, tensor=1))
+    trainer = train.build_trainer(cfg, OPTIM, SCHEDULE, train.StepConfig(GBS, 1), mesh)
+    hlo = trainer.step.lower(
+        trainer.abstract_state,
+        train.abstract_batch(GBS, cfg.seq_length, trainer.batch_sharding)).compile().as_text()
+    collectives = _collective_shapes(hlo)
+    weight_dims = {cfg.hidden_size, cfg.ffn_hidden_size, cfg.padded_vocab_size}
+    assert any(op == "all-gather" and weight_dims & set(dims) for op, dims in collectives), (
+        "FSDP should gather weights", collectives)
+    activation_dims = {cfg.seq_length, GBS * cfg.seq_length}
+    moved = [(op, dims) for op, dims in collectives if activation_dims & set(dims)]
+    assert not moved, moved
 
 
 def test_batch_arithmetic_errors_are_clear():
