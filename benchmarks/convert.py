@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     optimizer_state = not args.no_optimizer_state
 
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="agpt-convert-bench-", dir=args.workdir)
     try:
         src = os.path.join(work, "universal")
