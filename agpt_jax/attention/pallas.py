@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+
+from agpt_jax.compat import TritonCompilerParams
 
 # Finite stand-in for -inf on masked scores (no inf - inf = nan in the running max).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -173,15 +174,27 @@ def _pad_seq(x: jax.Array, padded: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _compiler_params(config: KernelConfig) -> plt.TritonCompilerParams:
-    return plt.TritonCompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def _compiler_params(config: KernelConfig) -> TritonCompilerParams:
+    return TritonCompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
+         precision: lax.Precision | None = None) -> jax.Array:
+    """A tile matmul with fp32 accumulation and result, optionally with a transposed operand.
+
+    What ``pl.dot`` did (removed from jax.experimental.pallas in jax 0.11): a ``dot_general``,
+    which the Triton lowering and interpret mode both take.
+    """
+    dims = (((a.ndim - 2 if trans_a else a.ndim - 1,), (b.ndim - 1 if trans_b else b.ndim - 2,)),
+            ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _masked_scores(st: _Static, q: jax.Array, k: jax.Array, q_start: jax.Array,
                    k_start: jax.Array) -> jax.Array:
     """Scaled fp32 scores of a [block_q, d] x [block_k, d] tile, causal and padding masked."""
     block_q, block_k = q.shape[0], k.shape[0]
-    s = pl.dot(q, k, trans_b=True, precision=st.precision) * st.scale
+    s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale
     k_pos = k_start + jnp.arange(block_k)
     keep = None
     if st.padded != st.seq:
@@ -204,14 +217,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, block_k: in
     def body(j, carry):
         acc, m, l = carry
         k_start = j * block_k
-        kb = pl.load(k_ref, (pl.ds(k_start, block_k), slice(None)))
-        vb = pl.load(v_ref, (pl.ds(k_start, block_k), slice(None)))
+        kb = k_ref[pl.ds(k_start, block_k), :]
+        vb = v_ref[pl.ds(k_start, block_k), :]
         s = _masked_scores(st, q, kb, q_start, k_start)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * correction + jnp.sum(p, axis=1)
-        pv = pl.dot(p.astype(vb.dtype), vb, precision=st.precision)
+        pv = _dot(p.astype(vb.dtype), vb, precision=st.precision)
         return acc * correction[:, None] + pv, m_new, l
 
     init = (jnp.zeros((block_q, st.head_dim), jnp.float32),
@@ -237,12 +250,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
 
     def body(j, dq):
         k_start = j * block_k
-        kb = pl.load(k_ref, (pl.ds(k_start, block_k), slice(None)))
-        vb = pl.load(v_ref, (pl.ds(k_start, block_k), slice(None)))
+        kb = k_ref[pl.ds(k_start, block_k), :]
+        vb = v_ref[pl.ds(k_start, block_k), :]
         p = jnp.exp(_masked_scores(st, q, kb, q_start, k_start) - lse[:, None])
-        dp = pl.dot(do, vb, trans_b=True, precision=st.precision)
+        dp = _dot(do, vb, trans_b=True, precision=st.precision)
         ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(kb.dtype), kb, precision=st.precision)
+        return dq + _dot(ds.astype(kb.dtype), kb, precision=st.precision)
 
     upper = (lax.div(q_start + block_q + block_k - 1, block_k) if st.causal
              else st.padded // block_k)
@@ -270,15 +283,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             dk, dv = carry
             q_start = i * block_q
             rows = pl.ds(q_start, block_q)
-            qb = pl.load(q_ref, (rows, pl.ds(gi * d, d)))
-            dob = pl.load(do_ref, (rows, pl.ds(gi * d, d)))
-            lse = pl.load(lse_ref, (pl.ds(gi * st.padded + q_start, block_q),))
-            delta = pl.load(delta_ref, (pl.ds(gi * st.padded + q_start, block_q),))
+            qb = q_ref[rows, pl.ds(gi * d, d)]
+            dob = do_ref[rows, pl.ds(gi * d, d)]
+            lse = lse_ref[pl.ds(gi * st.padded + q_start, block_q)]
+            delta = delta_ref[pl.ds(gi * st.padded + q_start, block_q)]
             p = jnp.exp(_masked_scores(st, qb, kb, q_start, k_start) - lse[:, None])
-            dv = dv + pl.dot(p.astype(dob.dtype), dob, trans_a=True, precision=st.precision)
-            dp = pl.dot(dob, vb, trans_b=True, precision=st.precision)
+            dv = dv + _dot(p.astype(dob.dtype), dob, trans_a=True, precision=st.precision)
+            dp = _dot(dob, vb, trans_b=True, precision=st.precision)
             ds = p * (dp - delta[:, None])
-            dk = dk + pl.dot(ds.astype(qb.dtype), qb, trans_a=True, precision=st.precision)
+            dk = dk + _dot(ds.astype(qb.dtype), qb, trans_a=True, precision=st.precision)
             return dk, dv
 
         return lax.fori_loop(lower, st.padded // block_q, body, carry)

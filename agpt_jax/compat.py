@@ -1,0 +1,61 @@
+"""Where the two supported stacks differ, decided once at import.
+
+agpt-jax runs from one code base on two pinned stacks (README, "Two stacks"):
+
+- Python 3.11 + jax 0.5.0 (flax 0.10, orbax-checkpoint 0.11): what intel-extension-for-openxla
+  0.7.0 supports (``constraints.txt``);
+- Python 3.12 + jax 0.11 (flax 0.12, orbax-checkpoint 0.12): what Intel's upstream
+  jax-oneapi-plugin supports (``constraints-jax011.txt``).
+
+Each name below is bound to the API the installed jax offers; the rest of the code imports it from
+here and never tests a version. Private jax modules are touched only in :mod:`agpt_jax.runtime`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.experimental.pallas import triton as _pallas_triton
+
+#: jax's version as a tuple of ints.
+JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+#: The stack that is running, for messages: "Python 3.11 + jax 0.5.0".
+STACK: str = f"Python {sys.version_info.major}.{sys.version_info.minor} + jax {jax.__version__}"
+
+#: XLA flags for the CPU client (agpt_jax.runtime.apply_cpu_xla_flags). At jax 0.5.0 the older
+#: (non-thunk) CPU runtime puts bf16 matmuls on oneDNN, 3x faster on the reference machine
+#: (BENCHMARKS.md). XLA of jax 0.11 has only the thunk runtime and ignores the flag with a
+#: warning ("xla_cpu_use_thunk_runtime" is no longer supported), so nothing is added there.
+CPU_XLA_FLAGS: tuple[str, ...] = (
+    ("--xla_cpu_use_thunk_runtime=false",) if JAX_VERSION < (0, 6) else ())
+
+# shard_map moved to the top level in jax 0.6 (jax.experimental.shard_map is deprecated from
+# 0.8); its replication check was renamed check_rep -> check_vma.
+if hasattr(jax, "shard_map"):
+    def shard_map(f: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
+                  check: bool = True) -> Callable:
+        """``jax.shard_map(f, mesh=..., in_specs=..., out_specs=..., check_vma=check)``."""
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=check)
+else:  # jax 0.5
+    from jax.experimental.shard_map import shard_map as _experimental_shard_map
+
+    def shard_map(f: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
+                  check: bool = True) -> Callable:
+        """``jax.experimental.shard_map.shard_map(f, mesh, in_specs, out_specs, check_rep=check)``."""
+        return _experimental_shard_map(f, mesh, in_specs, out_specs, check_rep=check)
+
+
+# Pallas' Triton compiler parameters: TritonCompilerParams at jax 0.5, CompilerParams from 0.7.
+TritonCompilerParams: type = getattr(_pallas_triton, "CompilerParams", None) or getattr(
+    _pallas_triton, "TritonCompilerParams")
+
+#: Whether ``jax.distributed.initialize`` takes ``heartbeat_timeout_seconds`` (jax >= 0.6); at
+#: jax 0.5.0 the heartbeat is only reachable through jax's private ``global_state``.
+DISTRIBUTED_HEARTBEAT_IS_PUBLIC: bool = (
+    "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters)
