@@ -103,8 +103,8 @@ def _copy_tokenizer(path: str, dst: str) -> None:
 def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "float32",
             max_shard_bytes: int = 5 * 10**9) -> str:
     """Write an HF Llama folder from an agpt-jax checkpoint (or a run's newest step)."""
-    import torch
-    from safetensors.torch import save_file
+    import ml_dtypes
+    from safetensors.numpy import save_file
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
@@ -115,7 +115,7 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
         if path not in reader.paths or reader.shape(path) != shape:
             raise ic.CheckpointError(f"{reader.item_dir}: leaf {ic.leaf_key(path)!r} missing or "
                                      f"not of shape {shape}")
-    torch_dtype = getattr(torch, dtype)
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
     def write(tmp: str) -> None:
         shards: list[list[str]] = []
@@ -135,8 +135,9 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
                 current, size = {}, 0
 
         for name, w in hf_tensors(reader, config):
-            t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(torch_dtype)
-            nbytes = t.numel() * t.element_size()
+            # Round to nearest even, as torch's .to(dtype) does.
+            t = np.ascontiguousarray(np.asarray(w, np.float32).astype(np_dtype))
+            nbytes = t.nbytes
             if current and size + nbytes > max_shard_bytes:
                 flush()
             current[name] = t

@@ -24,7 +24,8 @@ follows: the DeepSpeed loss-scaler object (`_load_global_state` keeps its live s
 is absent) and Megatron's `rng_state` (load with `--finetune`, the CPT recipe, or `--no-load-rng`).
 Megatron enums inside `args` (model_type) are dropped from the Namespace; `check_checkpoint_args`
 does not read them. Every tensor file loads with `torch.load(weights_only=True)`, and so does
-`zero/optimizer_state.pt` (DeepSpeed's own does not, because of the loss scaler).
+`zero/optimizer_state.pt` (DeepSpeed's own does not, because of the loss scaler). The files are
+written without torch (`converters.pt_archive.save`), in torch.save's own format.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from absl import logging
 from agpt_jax import init_checkpoint as ic
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
+from converters import pt_archive
 from converters import universal as uv
 from converters import run_cli, write_atomically
 
@@ -113,25 +115,20 @@ def default_universal_info(config: GPTConfig, scheme: ml.NameScheme) -> dict[str
 def _param_shapes(config: GPTConfig, tensors: list[ml.MegatronTensor]) -> list[Any]:
     """DeepSpeed's param_shapes: per param group, name -> torch.Size (Megatron's group order:
     weight-decayed 2-D weights first, then the 1-D norms, spec §2.4)."""
-    import torch
-
-    decayed = collections.OrderedDict((t.name, torch.Size(t.shape)) for t in tensors
+    decayed = collections.OrderedDict((t.name, pt_archive.TorchSize(t.shape)) for t in tensors
                                       if len(t.shape) == 2)
-    plain = collections.OrderedDict((t.name, torch.Size(t.shape)) for t in tensors
+    plain = collections.OrderedDict((t.name, pt_archive.TorchSize(t.shape)) for t in tensors
                                     if len(t.shape) == 1)
     return [decayed, plain]
 
 
 def _state_dict_for(t: ml.MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[str, Any]:
     """One {fp32,exp_avg,exp_avg_sq}.pt dict with ds_to_universal's keys and flags."""
-    import torch
-
     if tuple(w.shape) != t.shape:
         raise ValueError(f"{t.name}: shape {w.shape}, expected {t.shape}")
     if t.is_vocab:
         w = w[: config.vocab_size]  # ds_to_universal keeps original_vocab_size rows (spec §3.4)
-    out: dict[str, Any] = {"param": torch.from_numpy(np.ascontiguousarray(w, np.float32)),
-                           "cat_dim": 0}
+    out: dict[str, Any] = {"param": np.ascontiguousarray(w, np.float32), "cat_dim": 0}
     if t.n_sub_params == 2:
         out["param_n_sub_params"] = 2
     if t.is_vocab:
@@ -142,15 +139,10 @@ def _state_dict_for(t: ml.MegatronTensor, w: np.ndarray, config: GPTConfig) -> d
 def _module_tree(folder: str, tensors: list[ml.MegatronTensor], config: GPTConfig) -> dict:
     """Megatron's nested `module` state dict (non-pipeline, spec §3.2), read back memory-mapped
     from the fp32.pt files just written, vocabulary tensors padded to V_pad with zero rows."""
-    import torch
-
     lm: dict[str, Any] = {"embedding": {"word_embeddings": {}}, "encoder": {},
                           "output_layer": {}}
     for t in tensors:
-        p = torch.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"), weights_only=True,
-                       mmap=True)["param"]
-        if t.is_vocab:
-            p = torch.cat([p, p.new_zeros(config.padded_vocab_size - p.shape[0], p.shape[1])])
+        p = _written_param(folder, t, config)
         if t.kind is ml.Kind.EMBEDDING:
             lm["embedding"]["word_embeddings"]["weight"] = p
         elif t.kind is ml.Kind.OUTPUT:
@@ -163,18 +155,21 @@ def _module_tree(folder: str, tensors: list[ml.MegatronTensor], config: GPTConfi
 def _write_pipeline_layers(folder: str, tensors: list[ml.MegatronTensor],
                            config: GPTConfig) -> None:
     """DeepSpeed PipelineModule's per-layer files `layer_{idx:02d}-model_00-model_states.pt`."""
-    import torch
-
     by_layer: dict[int, dict[str, Any]] = collections.defaultdict(collections.OrderedDict)
     for t in tensors:
         idx, local = t.name.split(".", 1)
-        p = torch.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"), weights_only=True,
-                       mmap=True)["param"]
-        if t.is_vocab:
-            p = torch.cat([p, p.new_zeros(config.padded_vocab_size - p.shape[0], p.shape[1])])
-        by_layer[int(idx)][local] = p
+        by_layer[int(idx)][local] = _written_param(folder, t, config)
     for idx, sd in by_layer.items():
-        torch.save(sd, os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt"))
+        pt_archive.save(sd, os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt"))
+
+
+def _written_param(folder: str, t: ml.MegatronTensor, config: GPTConfig) -> np.ndarray:
+    """A tensor's fp32.pt as just written (memory-mapped), vocabulary rows padded to V_pad."""
+    p = pt_archive.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"))["param"]
+    if t.is_vocab:
+        p = np.concatenate([p, np.zeros((config.padded_vocab_size - p.shape[0], p.shape[1]),
+                                        p.dtype)])
+    return p
 
 
 def write_universal(root: str, contents: UniversalContents, source: TensorSource,
@@ -191,7 +186,6 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
     Returns:
         The global_stepN_universal folder.
     """
-    import torch
     from tqdm import tqdm
 
     cfg = contents.config
@@ -200,20 +194,21 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
     zero = os.path.join(folder, uv.ZERO)
     os.makedirs(zero)
     tensors = ml.megatron_tensors(cfg, contents.scheme)
-    step = torch.tensor(float(contents.step), dtype=torch.float32)
+    step = np.array(contents.step, np.float32)
     for t in tqdm(tensors, desc="orbax->universal", unit="tensor",
                   disable=None if progress else True):
         pdir = os.path.join(zero, t.name)
         os.makedirs(pdir)
         for state in uv.STATE_FILES:
-            torch.save(_state_dict_for(t, source(t, state), cfg), os.path.join(pdir, f"{state}.pt"))
-        torch.save(step.clone(), os.path.join(pdir, "step.pt"))
+            pt_archive.save(_state_dict_for(t, source(t, state), cfg),
+                            os.path.join(pdir, f"{state}.pt"))
+        pt_archive.save(step, os.path.join(pdir, "step.pt"))
 
     opt: dict[str, Any] = {k: v for k, v in contents.zero_optimizer_state.items()
                            if not _is_foreign(v)}
     opt.setdefault("ds_version", DEFAULT_DS_VERSION)  # DeepSpeed asserts it is present
     opt["param_groups"] = _torch_param_groups(contents.param_groups)
-    torch.save(opt, os.path.join(zero, uv.OPTIMIZER_STATE))
+    pt_archive.save(opt, os.path.join(zero, uv.OPTIMIZER_STATE))
 
     args = argparse.Namespace(**{k: v for k, v in contents.args.items() if not _is_foreign(v)})
     info = dict(contents.universal_info) or default_universal_info(cfg, contents.scheme)
@@ -239,7 +234,7 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
     else:
         states["module"] = None
         _write_pipeline_layers(folder, tensors, cfg)
-    torch.save(states, os.path.join(folder, uv.MODEL_STATES))
+    pt_archive.save(states, os.path.join(folder, uv.MODEL_STATES))
     with open(os.path.join(root, uv.LATEST_UNIVERSAL), "w") as f:
         f.write(tag)
     return folder

@@ -10,23 +10,20 @@ Layout (spec §3.5):
         {'param': fp32 tensor, 'cat_dim': 0|1, ['param_n_sub_params': 2], ['vocab_tensor': True]}
     <root>/global_stepN_universal/zero/<param>/step.pt         a bare (0-d float32) tensor
 
-Tensor files are read with `torch.load(weights_only=True)`. The two files that pickle Megatron
-and DeepSpeed objects (an argparse Namespace holding Megatron enums, DeepSpeed loss scalers) are
-read with a restricted unpickler: a short allow-list of data types (containers, tensors, numpy
-arrays, argparse.Namespace) is rebuilt, every other class or callable becomes an inert
-`PickledObject` record, so no pickled code ever runs.
+Every file is read without torch by `converters.pt_archive`: tensors become memory-mapped numpy
+arrays. Tensor files may hold only tensors and containers. The two files that pickle Megatron and
+DeepSpeed objects (an argparse Namespace holding Megatron enums, DeepSpeed loss scalers) keep
+those objects as inert `PickledObject` records; any other global is refused, so no pickled code
+ever runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import math
 import os
-import pickle
 import re
-import types
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,6 +31,8 @@ from absl import logging
 
 from agpt_jax.model import GPTConfig, vocab_size_with_padding
 from converters import megatron_layout as ml
+from converters import pt_archive
+from converters.pt_archive import PickledObject, TorchDtype
 
 LATEST_UNIVERSAL = "latest_universal"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -47,148 +46,32 @@ class UniversalCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Restricted unpickling.
-
-
-class PickledObject:
-    """An inert stand-in for a pickled object whose class is not on the allow-list.
-
-    Attributes:
-        pickled_class: "module.QualName" of the original class or callable.
-        args: arguments the pickle would have called it with (REDUCE / NEWOBJ).
-        state: the state the pickle would have set (BUILD), usually the object's __dict__.
-    """
-
-    pickled_class = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
-        obj = object.__new__(cls)
-        obj.args = args
-        obj.kwargs = kwargs
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"PickledObject({self.pickled_class}, args={self.args!r}, state={self.state!r})"
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-safe description: class name, args and state."""
-        out: dict[str, Any] = {"pickled_class": self.pickled_class}
-        if self.args:
-            out["args"] = to_jsonable(list(self.args))
-        if self.state is not None:
-            out["state"] = to_jsonable(self.state)
-        return out
-
-
-_STANDINS: dict[str, type] = {}
-
-
-def _standin(module: str, name: str) -> type:
-    key = f"{module}.{name}"
-    if key not in _STANDINS:
-        _STANDINS[key] = type(name, (PickledObject,), {"pickled_class": key,
-                                                       "__module__": __name__})
-    return _STANDINS[key]
-
-
-def _safe_globals() -> dict[tuple[str, str], Any]:
-    """The allow-list: data types only, nothing that runs user code or touches the system."""
-    import _codecs
-
-    import torch
-
-    allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("argparse", "Namespace"): argparse.Namespace,
-        ("_codecs", "encode"): _codecs.encode,  # numpy arrays under pickle protocol 2
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        ("torch.storage", "UntypedStorage"): torch.storage.UntypedStorage,
-        ("torch", "UntypedStorage"): torch.UntypedStorage,
-    }
-    for name in ("set", "frozenset", "complex", "slice", "range", "bytearray", "tuple", "list",
-                 "dict", "int", "float", "str", "bool", "bytes"):
-        allowed[("builtins", name)] = getattr(__import__("builtins"), name)
-    for attr in dir(torch):
-        value = getattr(torch, attr, None)
-        if isinstance(value, torch.dtype) or (attr.endswith("Storage") and isinstance(value, type)):
-            allowed[("torch", attr)] = value
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = np.core.multiarray._reconstruct
-        allowed[(mod, "scalar")] = np.core.multiarray.scalar
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
-    for attr in dir(np.dtypes):
-        if attr.endswith("DType"):
-            allowed[("numpy.dtypes", attr)] = getattr(np.dtypes, attr)
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only allow-listed globals; the rest become PickledObject."""
-
-    _allowed: dict[tuple[str, str], Any] | None = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _safe_globals()
-        found = RestrictedUnpickler._allowed.get((module, name))
-        if found is not None:
-            return found
-        return _standin(module, name)
-
-
-def _restricted_pickle_module() -> types.ModuleType:
-    mod = types.ModuleType("agpt_restricted_pickle")
-    mod.Unpickler = RestrictedUnpickler
-
-    def load(file, **kwargs):
-        return RestrictedUnpickler(file, **kwargs).load()
-
-    mod.load = load
-    mod.__name__ = "agpt_restricted_pickle"
-    return mod
+# Reading .pt files (without torch: converters/pt_archive.py).
 
 
 def load_restricted(path: str) -> Any:
-    """torch.load a file that pickles foreign objects, without importing or running them.
+    """Loads a file that pickles Megatron or DeepSpeed objects, without importing or running them.
 
-    Tensors come back as torch tensors (memory-mapped when the file format allows), argparse
-    Namespaces as Namespaces, anything else not on the allow-list as inert `PickledObject`s.
+    Tensors come back as read-only numpy arrays (memory-mapped), argparse Namespaces as
+    Namespaces, Megatron and DeepSpeed classes as inert :class:`PickledObject` records; any other
+    global is refused.
     """
-    import torch
-
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True,
-                          pickle_module=_restricted_pickle_module())
-    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, zip errors...
-        raise UniversalCheckpointError(
-            f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or not a "
-            "torch.save file: copy it again or re-run ds_to_universal.py") from None
+        return pt_archive.load(path, foreign="record")
+    except pt_archive.PtArchiveError as e:
+        raise UniversalCheckpointError(f"{e}; or re-run ds_to_universal.py") from None
 
 
 def load_tensor_file(path: str) -> Any:
-    """torch.load(weights_only=True) a tensor file (fp32.pt, exp_avg.pt, step.pt...)."""
-    import torch
-
+    """Loads a tensor file (fp32.pt, exp_avg.pt, step.pt...): tensors and containers only."""
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        return pt_archive.load(path, foreign="refuse")
+    except pt_archive.PtArchiveError as e:
         raise UniversalCheckpointError(
-            f"{path}: cannot be read with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); the file is truncated or not a "
-            "DeepSpeed universal tensor file: copy it again or re-run ds_to_universal.py") from None
+            f"{e}; a DeepSpeed universal tensor file holds only tensors: copy it again or re-run "
+            "ds_to_universal.py") from None
 
 
 def _check_file(path: str) -> None:
@@ -203,7 +86,12 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, PickledObject):
-        return value.to_json()
+        out: dict[str, Any] = {"pickled_class": value.pickled_class}
+        if value.args:
+            out["args"] = to_jsonable(list(value.args))
+        if value.state is not None:
+            out["state"] = to_jsonable(value.state)
+        return out
     if isinstance(value, argparse.Namespace):
         return {k: to_jsonable(v) for k, v in sorted(vars(value).items())}
     if isinstance(value, Mapping):
@@ -212,19 +100,12 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return to_jsonable(value.item())
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            if value.numel() == 1:
-                return to_jsonable(value.item())
-            return {"tensor": list(value.shape), "dtype": str(value.dtype)}
-        if isinstance(value, torch.dtype):
-            return str(value)
-    except ImportError:
-        pass
+    if isinstance(value, TorchDtype):
+        return str(value)
     if isinstance(value, np.ndarray):
-        return {"ndarray": list(value.shape), "dtype": str(value.dtype)}
+        if value.size == 1:
+            return to_jsonable(value.reshape(()).item())
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
     return repr(value)
 
 
@@ -422,16 +303,14 @@ class UniversalCheckpoint:
 def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
                         path: str) -> np.ndarray:
     """Check one universal state dict against the expected tensor and return it as numpy."""
-    import torch
-
     if not isinstance(obj, Mapping) or "param" not in obj:
         raise UniversalCheckpointError(f"{path}: expected a dict with 'param' (and 'cat_dim'), "
                                        f"found {type(obj).__name__}")
     param = obj["param"]
-    if not isinstance(param, torch.Tensor):
+    if not isinstance(param, np.ndarray):
         raise UniversalCheckpointError(f"{path}: field 'param' is {type(param).__name__}, not a "
                                        "tensor")
-    if param.dtype != torch.float32:
+    if param.dtype != np.float32:
         raise UniversalCheckpointError(f"{path}: field 'param' is {param.dtype}; universal "
                                        "checkpoints hold float32")
     shape = tuple(param.shape)
@@ -450,7 +329,7 @@ def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
     if t.n_sub_params == 2 and obj.get("param_n_sub_params") not in (None, 2):
         raise UniversalCheckpointError(f"{path}: param_n_sub_params={obj['param_n_sub_params']}, "
                                        "expected 2 for dense_h_to_4h")
-    w = param.detach().numpy()
+    w = param
     if t.is_vocab:
         w = ml.pad_vocab_rows(w, config.padded_vocab_size)
     return w
@@ -458,11 +337,9 @@ def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
 
 def read_step_file(path: str) -> float:
     """The value of a step.pt (a bare tensor, or a number in old files)."""
-    import torch
-
     obj = load_tensor_file(path)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return float(obj.item())
+    if isinstance(obj, np.ndarray) and obj.size == 1:
+        return float(obj.reshape(()))
     if isinstance(obj, (int, float)):
         return float(obj)
     raise UniversalCheckpointError(f"{path}: expected a one-element step tensor, found "

@@ -1,221 +1,36 @@
 """Universal <-> Orbax <-> HF converters against an independent universal writer and HF Llama.
 
-The fixture writer below follows the spec alone (§3.2, §3.5, §4.1-4.3, §7): it starts from HF
-Llama weights (q_proj, k_proj, ..., [out, in]) and builds Megatron's tensors by the spec's rules,
-pickling real Megatron and DeepSpeed objects from stand-in classes that the reader cannot import.
+The universal checkpoint is the committed fixture tests/fixtures/universal_tiny, written by the
+independent writer of universal_writer.py with torch.save (real DeepSpeed-style pickles, stand-in
+Megatron and DeepSpeed classes), with the logits HF transformers computes on its weights. Tests
+without a torch marker read it with no torch installed (the Python 3.12 leg); the torch-marked
+ones check the fixture is what the writer writes, and compare with HF and torch.load live.
 """
 
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import os
-import random
+import pathlib
+import pickle
 import shutil
+import subprocess
 import sys
-import types
+import zipfile
 
 import numpy as np
 import pytest
-import torch
 
 from agpt_jax import init_checkpoint as ic
-from converters import orbax_to_hf, orbax_to_universal, universal_to_orbax
+from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
 from converters import universal as uv
+from torch_reference import torch
+from universal_writer import (EPS, F, H, ITERATION, L, NKV, NQ, SEQ, STEP, THETA, V, VPAD,
+                              fixture_tensors, hf_reference_logits, reference_tokens,
+                              write_universal_fixture)
 
-# Spec §7's tiny model: 2 layers, hidden 64, 4 heads, 2 kv heads, ffn 176, vocab 100 -> 112.
-L, H, NQ, NKV, F, V, VPAD, SEQ = 2, 64, 4, 2, 176, 100, 112, 32
-D = H // NQ
-THETA, EPS = 500000.0, 1e-6  # non-default on purpose
-ITERATION, STEP = 20, 20.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Stand-in Megatron / DeepSpeed classes, importable only while pickling.
-
-
-class ModelType(enum.Enum):
-    encoder_or_decoder = 1
-    encoder_and_decoder = 2
-
-
-class DynamicLossScaler:
-    def __init__(self) -> None:
-        self.cur_scale = 65536.0
-        self.cur_iter = 20
-        self.scale_factor = 2.0
-
-
-def _pickle_with_standins(obj, path: str) -> None:
-    """torch.save with fake megatron/deepspeed modules in sys.modules, removed afterwards."""
-    fakes = {
-        "megatron": types.ModuleType("megatron"),
-        "megatron.core": types.ModuleType("megatron.core"),
-        "megatron.core.enums": types.ModuleType("megatron.core.enums"),
-        "deepspeed": types.ModuleType("deepspeed"),
-        "deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
-        "deepspeed.runtime.fp16": types.ModuleType("deepspeed.runtime.fp16"),
-        "deepspeed.runtime.fp16.loss_scaler": types.ModuleType(
-            "deepspeed.runtime.fp16.loss_scaler"),
-    }
-    assert not set(fakes) & set(sys.modules)
-    fakes["megatron.core.enums"].ModelType = ModelType
-    fakes["deepspeed.runtime.fp16.loss_scaler"].DynamicLossScaler = DynamicLossScaler
-    saved = (ModelType.__module__, DynamicLossScaler.__module__, DynamicLossScaler.__qualname__)
-    ModelType.__module__ = "megatron.core.enums"
-    DynamicLossScaler.__module__ = "deepspeed.runtime.fp16.loss_scaler"
-    sys.modules.update(fakes)
-    try:
-        torch.save(obj, path)
-    finally:
-        for name in fakes:
-            del sys.modules[name]
-        ModelType.__module__, DynamicLossScaler.__module__, _ = saved
-
-
-# ----------------------------------------------------------------------------------------------
-# The independent writer.
-
-
-def make_hf_weights(seed: int) -> dict[str, np.ndarray]:
-    """Random HF-Llama weights ([out, in]) with the original (unpadded) vocabulary."""
-    rng = np.random.default_rng(seed)
-    n = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
-    w = {"model.embed_tokens.weight": n(V, H), "lm_head.weight": n(V, H),
-         "model.norm.weight": (1 + n(H)).astype(np.float32)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = n(NQ * D, H)
-        w[p + "self_attn.k_proj.weight"] = n(NKV * D, H)
-        w[p + "self_attn.v_proj.weight"] = n(NKV * D, H)
-        w[p + "self_attn.o_proj.weight"] = n(H, NQ * D)
-        w[p + "mlp.gate_proj.weight"] = n(F, H)
-        w[p + "mlp.up_proj.weight"] = n(F, H)
-        w[p + "mlp.down_proj.weight"] = n(H, F)
-        w[p + "input_layernorm.weight"] = (1 + n(H)).astype(np.float32)
-        w[p + "post_attention_layernorm.weight"] = (1 + n(H)).astype(np.float32)
-    return w
-
-
-def megatron_from_hf(w: dict[str, np.ndarray], pipeline: bool) -> dict[str, np.ndarray]:
-    """Megatron names -> tensors by the spec: QKV grouped [q x g, k, v] per kv head (§4.2),
-    dense_h_to_4h = [gate; up] (§4.3); vocab tensors keep V rows (the universal form)."""
-    g = NQ // NKV
-    out = {}
-    emb = ("1.word_embeddings.weight" if pipeline
-           else "language_model.embedding.word_embeddings.weight")
-    out[emb] = w["model.embed_tokens.weight"]
-    for i in range(L):
-        pre = f"{2 + i}." if pipeline else f"language_model.encoder.layers.{i}."
-        hp = f"model.layers.{i}."
-        q = w[hp + "self_attn.q_proj.weight"].reshape(NQ, D, H)
-        k = w[hp + "self_attn.k_proj.weight"].reshape(NKV, D, H)
-        v = w[hp + "self_attn.v_proj.weight"].reshape(NKV, D, H)
-        rows = []
-        for j in range(NKV):
-            rows += [q[j * g + m] for m in range(g)] + [k[j], v[j]]
-        out[pre + "input_layernorm.weight"] = w[hp + "input_layernorm.weight"]
-        out[pre + "self_attention.query_key_value.weight"] = np.concatenate(rows, 0)
-        out[pre + "self_attention.dense.weight"] = w[hp + "self_attn.o_proj.weight"]
-        out[pre + "post_attention_layernorm.weight"] = w[hp + "post_attention_layernorm.weight"]
-        out[pre + "mlp.dense_h_to_4h.weight"] = np.concatenate(
-            [w[hp + "mlp.gate_proj.weight"], w[hp + "mlp.up_proj.weight"]], 0)
-        out[pre + "mlp.dense_4h_to_h.weight"] = w[hp + "mlp.down_proj.weight"]
-    out[f"{L + 2}.weight" if pipeline else "language_model.encoder.final_layernorm.weight"] = \
-        w["model.norm.weight"]
-    out[f"{L + 3}.lm_head.weight" if pipeline else "language_model.output_layer.weight"] = \
-        w["lm_head.weight"]
-    return out
-
-
-def _megatron_args() -> argparse.Namespace:
-    return argparse.Namespace(
-        num_layers=L, hidden_size=H, num_attention_heads=NQ, num_key_value_heads=NKV,
-        ffn_hidden_size=F, seq_length=SEQ, max_position_embeddings=SEQ, rope_theta=THETA,
-        layernorm_epsilon=EPS, make_vocab_size_divisible_by=16, padded_vocab_size=VPAD,
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, swiglu=True,
-        normalization="rmsnorm", untie_embeddings_and_output_weights=True, add_bias_linear=False,
-        model_type=ModelType.encoder_or_decoder, params_dtype=torch.bfloat16, bf16=True,
-        save="/lus/flare/projects/run/checkpoints", lr=2e-4, min_lr=2e-5, seed=1234,
-        consumed_train_samples=160, tokenizer_type="Llama2Tokenizer", init_method_std=0.02)
-
-
-def write_universal_fixture(root: str, seed: int = 0, pipeline: bool = False,
-                            extra_optimizer_state: dict | None = None) -> dict:
-    """Write `root/latest_universal` + `root/global_step20_universal/` as ds_to_universal does."""
-    hf = make_hf_weights(seed)
-    meg = megatron_from_hf(hf, pipeline)
-    rng = np.random.default_rng(seed + 1)
-    tag = f"global_step{ITERATION}_universal"
-    folder = os.path.join(root, tag)
-    os.makedirs(os.path.join(folder, "zero"))
-    moments = {}
-    vocab_names = {n for n in meg if n.endswith("word_embeddings.weight") or
-                   n.endswith("output_layer.weight") or n.endswith("lm_head.weight")}
-    for name, w in meg.items():
-        pdir = os.path.join(folder, "zero", name)
-        os.makedirs(pdir)
-        m = rng.standard_normal(w.shape).astype(np.float32) * 1e-3
-        v = (rng.standard_normal(w.shape).astype(np.float32) * 1e-3) ** 2
-        moments[name] = (m, v)
-        for state, value in (("fp32", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            t = torch.tensor(value)
-            if state == "fp32":
-                t.requires_grad_(True)
-            d = {"param": t, "cat_dim": 0}
-            if "dense_h_to_4h" in name:
-                d["param_n_sub_params"] = 2
-            if name in vocab_names:
-                d["vocab_tensor"] = True
-            torch.save(d, os.path.join(pdir, f"{state}.pt"))
-        torch.save(torch.tensor(STEP), os.path.join(pdir, "step.pt"))
-    groups = [
-        {"lr": 1.9e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
-         "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
-         "fused": None, "name": "wd_no_scale_lr", "wd_mult": 1.0, "lr_mult": 1.0,
-         "params": list(range(2 + 4 * L))},
-        {"lr": 1.9e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-         "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
-         "fused": None, "name": "no_wd_no_scale_lr", "wd_mult": 0.0, "lr_mult": 1.0,
-         "params": list(range(1 + 2 * L))},
-    ]
-    opt = {"loss_scaler": DynamicLossScaler(), "dynamic_loss_scale": True, "overflow": False,
-           "clip_grad": 1.0, "zero_stage": 1, "group_paddings": [0, 0],
-           "partition_count": [2, 2], "ds_version": "0.16.9", "param_groups": groups}
-    opt.update(extra_optimizer_state or {})
-    _pickle_with_standins(opt, os.path.join(folder, "zero", "optimizer_state.pt"))
-    padded = {n: (np.concatenate([w, np.zeros((VPAD - V, H), np.float32)]) if n in vocab_names
-                  else w) for n, w in meg.items()}
-    module = {"language_model": {
-        "embedding": {} if pipeline else {"word_embeddings": {"weight": torch.tensor(padded[
-            "language_model.embedding.word_embeddings.weight"]).bfloat16()}},
-        "encoder": {n[len("language_model.encoder."):]: torch.tensor(w).bfloat16()
-                    for n, w in padded.items() if n.startswith("language_model.encoder.")},
-    }}
-    states = {
-        "module": None if pipeline else module, "buffer_names": ["rotary_pos_emb.inv_freq"],
-        "optimizer": None, "lr_scheduler": {"max_lr": 2e-4, "num_steps": 160,
-                                            "lr_decay_style": "cosine"},
-        "ds_config": {"train_batch_size": 8, "bf16": {"enabled": True}},
-        "ds_version": "0.16.9", "args": _megatron_args(), "checkpoint_version": 3.0,
-        "iteration": ITERATION, "tokens": 5120, "global_steps": ITERATION, "global_samples": 160,
-        "skipped_steps": 0, "dp_world_size": 2, "mp_world_size": 1,
-        "rng_state": [{"random_rng_state": random.getstate(),
-                       "np_rng_state": np.random.get_state(),
-                       "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None,
-                       "rng_tracker_states": {}}],
-        "universal_checkpoint_info": {
-            "universal_checkpoint_version": 0.2, "original_vocab_size": V,
-            "padded_vocab_size": VPAD,
-            "vocabulary_parameter_patterns": sorted(vocab_names),
-            "parameter_with_2_sub_params_cat_dim_0": [
-                r"language_model.encoder.layers.\d+.mlp.dense_h_to_4h.weight"]},
-    }
-    _pickle_with_standins(states, os.path.join(folder, "mp_rank_00_model_states.pt"))
-    with open(os.path.join(root, "latest_universal"), "w") as f:
-        f.write(tag)
-    return {"hf": hf, "megatron": meg, "moments": moments, "groups": groups, "folder": folder}
+COMMITTED = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "universal_tiny"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,9 +44,16 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def universal(work):
+    """A copy of the committed fixture, and the tensors it holds (rebuilt from their seed)."""
     root = str(work / "src")
-    os.makedirs(root)
-    return root, write_universal_fixture(root)
+    shutil.copytree(COMMITTED, root, ignore=shutil.ignore_patterns("reference.npz"))
+    return root, fixture_tensors(seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(COMMITTED / "reference.npz") as ref:
+        return {k: ref[k] for k in ref.files}
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +75,7 @@ def test_reader_needs_neither_megatron_nor_deepspeed(universal):
     mt = ckpt.args["model_type"]
     assert isinstance(mt, uv.PickledObject)
     assert mt.pickled_class == "megatron.core.enums.ModelType" and mt.args == (1,)
+    assert str(ckpt.args["params_dtype"]) == "torch.bfloat16"
     scaler = ckpt.optimizer_state["loss_scaler"]
     assert scaler.pickled_class == "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"
     assert scaler.state == {"cur_scale": 65536.0, "cur_iter": 20, "scale_factor": 2.0}
@@ -265,7 +88,29 @@ def test_reader_needs_neither_megatron_nor_deepspeed(universal):
         0.9, 0.95)
 
 
-def test_malicious_pickle_is_neutralised(tmp_path):
+def test_conversion_never_imports_torch(universal, tmp_path):
+    """universal -> Orbax -> universal in a process where importing torch fails."""
+    root, _ = universal
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from converters import universal_to_orbax, orbax_to_universal\n"
+            f"assert universal_to_orbax.main(['--load', {root!r}, '--save', {str(tmp_path / 'o')!r}]) == 0\n"
+            f"assert orbax_to_universal.main(['--load', {str(tmp_path / 'o')!r}, '--save', {str(tmp_path / 'u')!r}]) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(os.path.join(uv.resolve_universal_dir(str(tmp_path / "u")),
+                                       "mp_rank_00_model_states.pt"))
+
+
+def _zip_pickle(path: str, payload: bytes) -> None:
+    """A torch.save-shaped archive around an arbitrary pickle, written without torch."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", payload)
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3")
+
+
+def test_malicious_pickle_is_refused_naming_file_and_global(universal, tmp_path):
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -273,13 +118,23 @@ def test_malicious_pickle_is_neutralised(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     root = str(tmp_path / "src")
-    os.makedirs(root)
-    write_universal_fixture(root, extra_optimizer_state={"evil": Evil()})
-    ckpt = uv.open_universal(root)
-    evil = ckpt.optimizer_state["evil"]
-    assert isinstance(evil, uv.PickledObject)
-    assert evil.pickled_class in ("posix.system", "nt.system")
+    shutil.copytree(universal[0], root)
+    opt_path = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
+                            "optimizer_state.pt")
+    opt = uv.load_restricted(opt_path)
+    _zip_pickle(opt_path, pickle.dumps({"param_groups": opt["param_groups"], "evil": Evil()},
+                                       protocol=2))
+    with pytest.raises(uv.UniversalCheckpointError) as e:
+        uv.open_universal(root)
+    assert opt_path in str(e.value) and ("posix.system" in str(e.value)
+                                         or "nt.system" in str(e.value))
     assert not marker.exists()
+    # A tensor file may not even hold Megatron or DeepSpeed records.
+    step_path = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
+                             "language_model.output_layer.weight", "step.pt")
+    _zip_pickle(step_path, b"\x80\x02cdeepspeed.runtime.zero\nZeroStageEnum\n)\x81.")
+    with pytest.raises(uv.UniversalCheckpointError, match="deepspeed.runtime.zero.ZeroStageEnum"):
+        uv.read_step_file(step_path)
 
 
 def test_given_config_mismatches_are_all_listed(universal):
@@ -298,23 +153,6 @@ def test_given_config_mismatches_are_all_listed(universal):
 # universal -> Orbax.
 
 
-def _hf_reference_logits(hf: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
-    """HF LlamaForCausalLM on the same weights, vocab padded with zero rows as DeepSpeed does."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VPAD, hidden_size=H, intermediate_size=F, num_hidden_layers=L,
-                      num_attention_heads=NQ, num_key_value_heads=NKV,
-                      max_position_embeddings=SEQ, rms_norm_eps=EPS, rope_theta=THETA,
-                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    model = LlamaForCausalLM(cfg).float().eval()
-    sd = {k: torch.tensor(v) for k, v in hf.items()}
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        sd[k] = torch.cat([sd[k], torch.zeros(VPAD - V, H)])
-    model.load_state_dict(sd, strict=True)
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
 def _agpt_logits(params, tokens: np.ndarray, directory: str) -> np.ndarray:
     import jax.numpy as jnp
 
@@ -324,14 +162,52 @@ def _agpt_logits(params, tokens: np.ndarray, directory: str) -> np.ndarray:
     return np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
 
 
-def test_converted_logits_match_hf(universal, converted):
-    _, fx = universal
-    tokens = np.random.default_rng(3).integers(0, V, (2, SEQ)).astype(np.int32)
-    params = ic.restore_params(converted)
-    ours = _agpt_logits(params, tokens, converted)
-    ref = _hf_reference_logits(fx["hf"], tokens)
-    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+def test_converted_logits_match_hf(converted, reference):
+    """Against the logits HF computed when the fixture was written (torch not needed here)."""
+    tokens = reference["tokens"]
+    ours = _agpt_logits(ic.restore_params(converted), tokens, converted)
+    np.testing.assert_allclose(ours, reference["hf_logits"], atol=2e-4, rtol=1e-4)
     assert np.all(ours[..., V:] == 0)  # padded rows are zero after a universal load (spec §7)
+
+
+def test_converted_params_are_the_writers_tensors(universal, converted):
+    """Every Flax param equals the fixture's HF weight in Flax layout (independent numpy)."""
+    _, fx = universal
+    hf, params = fx["hf"], ic.restore_params(converted)
+    d = H // NQ
+    np.testing.assert_array_equal(params["embed"]["embedding"][:V], hf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["lm_head"]["kernel"][:, :V], hf["lm_head.weight"].T)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        layer = lambda *k: params["layers"][k[0]][k[1]][i] if len(k) == 2 else params["layers"][k[0]][i]
+        np.testing.assert_array_equal(layer("attn", "q").reshape(H, NQ * d),
+                                      hf[p + "self_attn.q_proj.weight"].T)
+        np.testing.assert_array_equal(layer("attn", "k").reshape(H, NKV * d),
+                                      hf[p + "self_attn.k_proj.weight"].T)
+        np.testing.assert_array_equal(layer("mlp", "gate"), hf[p + "mlp.gate_proj.weight"].T)
+        np.testing.assert_array_equal(layer("mlp", "down"), hf[p + "mlp.down_proj.weight"].T)
+
+
+@pytest.mark.torch
+def test_committed_fixture_is_the_writers_output(tmp_path, reference):
+    """The committed files equal what the writer writes now (torch.load both), and the committed
+    logits are what HF transformers computes now."""
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    fx = write_universal_fixture(fresh, seed=0)
+    a, b = uv.resolve_universal_dir(str(COMMITTED)), uv.resolve_universal_dir(fresh)
+    fa, fb = _load_all(a), _load_all(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        x, y = fa[key], fb[key]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), key
+        else:
+            assert torch.equal(x["param"], y["param"]) and x.keys() == y.keys(), key
+    tokens = reference_tokens()
+    np.testing.assert_array_equal(reference["tokens"], tokens)
+    np.testing.assert_allclose(reference["hf_logits"], hf_reference_logits(fx["hf"], tokens),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_converted_metadata_and_moments(universal, converted):
@@ -419,10 +295,35 @@ def _assert_same_universal(a_root: str, b_root: str) -> None:
         assert sa[k] == sb[k], k
     assert isinstance(sb["args"], argparse.Namespace)
     for k, v in vars(sa["args"]).items():
-        if not isinstance(v, (uv.PickledObject, torch.dtype)):
+        if not isinstance(v, (uv.PickledObject, uv.TorchDtype)):
             assert getattr(sb["args"], k) == v, k
 
 
+def test_round_trip_is_bit_exact_without_torch(universal, converted, work):
+    """Every tensor file written back equals the source's (read torch-free both), with the same
+    keys and flags; the torch-marked test below checks the same with torch.load."""
+    root, _ = universal
+    back = str(work / "back_np")
+    assert orbax_to_universal.main(["--load", converted, "--save", back]) == 0
+    a, b = uv.resolve_universal_dir(root), uv.resolve_universal_dir(back)
+    names = sorted(n for n in os.listdir(os.path.join(a, "zero"))
+                   if os.path.isdir(os.path.join(a, "zero", n)))
+    assert names == sorted(n for n in os.listdir(os.path.join(b, "zero"))
+                           if os.path.isdir(os.path.join(b, "zero", n)))
+    for name in names:
+        for f in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "step.pt"):
+            x = pt_archive.load(os.path.join(a, "zero", name, f))
+            y = pt_archive.load(os.path.join(b, "zero", name, f))
+            if f == "step.pt":
+                assert x.dtype == y.dtype and x.shape == y.shape and x == y, name
+                continue
+            assert x.keys() == y.keys() and x["param"].dtype == y["param"].dtype, (name, f)
+            np.testing.assert_array_equal(x["param"], y["param"], err_msg=f"{name}/{f}")
+            assert {k: v for k, v in x.items() if k != "param"} == {
+                k: v for k, v in y.items() if k != "param"}, (name, f)
+
+
+@pytest.mark.torch
 def test_universal_orbax_universal_is_bit_exact(universal, converted, work):
     root, _ = universal
     back = str(work / "back")
@@ -445,6 +346,7 @@ def test_universal_orbax_universal_is_bit_exact(universal, converted, work):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.torch
 def test_pipeline_names_round_trip(tmp_path):
     root = str(tmp_path / "pipe")
     os.makedirs(root)
@@ -455,7 +357,7 @@ def test_pipeline_names_round_trip(tmp_path):
     assert universal_to_orbax.main(["--load", root, "--save", dst]) == 0
     tokens = np.random.default_rng(4).integers(0, V, (1, SEQ)).astype(np.int32)
     np.testing.assert_allclose(_agpt_logits(ic.restore_params(dst), tokens, dst),
-                               _hf_reference_logits(fx["hf"], tokens), atol=2e-4, rtol=1e-4)
+                               hf_reference_logits(fx["hf"], tokens), atol=2e-4, rtol=1e-4)
     back = str(tmp_path / "back")
     assert orbax_to_universal.main(["--load", dst, "--save", back]) == 0
     _assert_same_universal(root, back)
@@ -555,6 +457,27 @@ def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(conv
 # HF export.
 
 
+def test_hf_export_tensors_without_torch(universal, converted, work):
+    """The safetensors hold the fixture's HF weights (vocab padded with zero rows), in every dtype,
+    rounded as torch's .to(dtype) rounds (to nearest even, via ml_dtypes)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    _, fx = universal
+    for dtype in ("float32", "bfloat16"):
+        dst = str(work / f"hf_np_{dtype}")
+        assert orbax_to_hf.main(["--load", converted, "--save", dst, "--dtype", dtype]) == 0
+        tensors = load_file(os.path.join(dst, "model.safetensors"))
+        assert set(tensors) == set(fx["hf"])
+        want = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+        for name, w in fx["hf"].items():
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                w = np.concatenate([w, np.zeros((VPAD - V, H), np.float32)])
+            assert tensors[name].dtype == want, name
+            np.testing.assert_array_equal(tensors[name], w.astype(want), err_msg=name)
+
+
+@pytest.mark.torch
 def test_hf_export_logits(universal, converted, work, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -570,7 +493,7 @@ def test_hf_export_logits(universal, converted, work, tmp_path):
         hf_logits = model(torch.tensor(tokens)).logits.numpy()
     ours = _agpt_logits(ic.restore_params(converted), tokens, converted)
     np.testing.assert_allclose(hf_logits, ours, atol=2e-4, rtol=1e-4)
-    np.testing.assert_allclose(hf_logits, _hf_reference_logits(fx["hf"], tokens), atol=1e-5)
+    np.testing.assert_allclose(hf_logits, hf_reference_logits(fx["hf"], tokens), atol=1e-5)
     # Sharded output with an index, and a tokenizer folder copied along.
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -599,7 +522,7 @@ def _break_missing_folder(root):
 def _break_shape(root):
     p = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
                      "language_model.encoder.layers.1.self_attention.dense.weight", "fp32.pt")
-    torch.save({"param": torch.zeros(H, H + 8), "cat_dim": 0}, p)
+    pt_archive.save({"param": np.zeros((H, H + 8), np.float32), "cat_dim": 0}, p)
     return "does not match the config"
 
 
