@@ -59,3 +59,17 @@ TritonCompilerParams: type = getattr(_pallas_triton, "CompilerParams", None) or 
 #: jax 0.5.0 the heartbeat is only reachable through jax's private ``global_state``.
 DISTRIBUTED_HEARTBEAT_IS_PUBLIC: bool = (
     "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters)
+
+
+def _version_tuple(distribution: str) -> tuple[int, ...]:
+    import importlib.metadata
+
+    return tuple(int(p) for p in importlib.metadata.version(distribution).split(".")[:3]
+                 if p.isdigit())
+
+
+#: Keys Orbax's PyTreeCheckpointHandler writes into an item's ``_METADATA`` beyond the tree
+#: (agpt_jax.init_checkpoint's streaming writer writes the same file): orbax-checkpoint 0.12
+#: records ``"use_ocdbt": true``, 0.11.23 does not.
+ORBAX_ITEM_METADATA_EXTRA: dict[str, Any] = (
+    {"use_ocdbt": True} if _version_tuple("orbax-checkpoint") >= (0, 12) else {})

@@ -15,7 +15,7 @@ A checkpoint directory is one Orbax `CheckpointManager` step with these items:
 A training run writes the same items (plus `train` and `data`) under `SAVE/checkpoints/<step>/`
 through its CheckpointManager; `resolve_checkpoint_dir` accepts either.
 
-`PyTreeItemWriter` writes a PyTree item in exactly the format Orbax 0.11.23's
+`PyTreeItemWriter` writes a PyTree item in exactly the format Orbax's (0.11.23 and 0.12.8)
 PyTreeCheckpointHandler writes with OCDBT (a per-process OCDBT database `ocdbt.process_0/` merged into the item's root
 database, zarr v2 arrays with zstd, `_METADATA` with the tree structure), but one slice at a time:
 stacked [L, ...] params are chunked one layer per chunk, so each layer slice is a whole chunk and
@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from agpt_jax import compat
 from agpt_jax.model import GPTConfig
 
 PyTree = Any
@@ -337,7 +338,7 @@ class PyTreeItemWriter:
                 "value_metadata": {"value_type": self._kinds[path], "skip_deserialize": False},
             }
         _write_json(os.path.join(self.item_dir, "_METADATA"), {
-            "tree_metadata": tree_metadata, "use_zarr3": False,
+            "tree_metadata": tree_metadata, **compat.ORBAX_ITEM_METADATA_EXTRA, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
 
 

@@ -753,7 +753,16 @@ def replace_adam_state(opt_state: Any, count: Any, mu: PyTree, nu: PyTree) -> An
         mu=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), mu),
         nu=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), nu),
     )
-    return {**opt_state, "adam": new}
+    return _with_entry(opt_state, "adam", new)
+
+
+def _with_entry(opt_state: Any, name: str, value: Any) -> Any:
+    """A shallow copy of a named-chain state with one entry replaced, of the same mapping type
+    (optax's named_chain state is an OrderedDict; jit out_shardings built from a fresh state
+    require the same type at jax 0.11)."""
+    out = type(opt_state)(opt_state)
+    out[name] = value
+    return out
 
 
 def schedule_count(opt_state: Any) -> jax.Array:
@@ -766,7 +775,8 @@ def replace_schedule_count(opt_state: Any, count: Any) -> Any:
     if isinstance(count, (int, np.integer)) and not 0 <= count <= _INT32_MAX:
         raise ValueError(f"replace_schedule_count: count={count!r} must be in [0, 2^31)")
     state = _entry(opt_state, "lr")
-    return {**opt_state, "lr": state._replace(count=jnp.asarray(count).astype(jnp.int32).reshape(()))}
+    return _with_entry(opt_state, "lr",
+                       state._replace(count=jnp.asarray(count).astype(jnp.int32).reshape(())))
 
 
 def pre_clip_grad_norm(opt_state: Any) -> jax.Array:

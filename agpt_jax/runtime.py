@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -33,10 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.experimental.shard_map import shard_map
 from jax.sharding import NamedSharding, PartitionSpec
 
-from agpt_jax import hostmem
+from agpt_jax import compat, hostmem, xpu
 
 #: Mesh axis names, outermost first. ``tensor`` is innermost: neighbouring devices (same node,
 #: fastest links) carry the most communication-heavy axis.
@@ -525,11 +523,10 @@ class Runtime:
 
 PLATFORMS: tuple[str, ...] = ("auto", "xpu", "cpu")
 
-# jax's backend names -> ours. The Intel plugin registers as "xpu" with platform name "sycl".
-_PLATFORM_NAMES = {"cpu": "cpu", "sycl": "xpu", "xpu": "xpu", "cuda": "gpu", "rocm": "gpu",
+# jax's backend names -> ours. Intel's plugins register "sycl" (the extension) and "oneapi" (the
+# upstream plugin); agpt_jax/xpu.py has what each wheel registers.
+_PLATFORM_NAMES = {"cpu": "cpu", "sycl": "xpu", "oneapi": "xpu", "cuda": "gpu", "rocm": "gpu",
                    "gpu": "gpu", "tpu": "tpu"}
-_XPU_PLUGIN_MODULE = "jax_plugins.intel_extension_for_openxla"
-_XPU_PLUGIN_DIST = "intel-extension-for-openxla"
 
 _runtime: Runtime | None = None
 
@@ -539,12 +536,44 @@ def _backends_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
+def _start_distributed(cfg: DistributedConfig) -> None:
+    """``jax.distributed.initialize`` with every value resolved and the heartbeat timeout set.
+
+    ``cluster_detection_method="deactivate"``: jax's own detection would otherwise pin one device
+    per process under Slurm / Open MPI. From jax 0.6 the public function takes
+    ``heartbeat_timeout_seconds``; at jax 0.5.0 it does not expose the heartbeat settings, and
+    (after checking that no backend started, done by the caller) only calls
+    ``global_state.initialize``, which takes them as an interval and a count of missed beats.
+    """
+    local = list(cfg.local_device_ids) if cfg.local_device_ids is not None else None
+    common = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                  process_id=cfg.process_id, local_device_ids=local,
+                  cluster_detection_method="deactivate",
+                  initialization_timeout=cfg.initialization_timeout_s)
+    if compat.DISTRIBUTED_HEARTBEAT_IS_PUBLIC:
+        jax.distributed.initialize(**common, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+        return
+    from jax._src import distributed as jax_distributed
+
+    beat = cfg.heartbeat_timeout_s // 10
+    jax_distributed.global_state.initialize(
+        **common,
+        service_heartbeat_interval_seconds=beat, service_max_missing_heartbeats=10,
+        client_heartbeat_interval_seconds=beat, client_max_missing_heartbeats=10)
+
+
+def _platform_version() -> str:
+    """The default backend's ``platform_version`` (names the plugin behind a ``gpu`` backend)."""
+    from jax._src import xla_bridge
+    return str(getattr(xla_bridge.get_backend(), "platform_version", ""))
+
+
 def _distributed_started() -> bool:
     from jax._src import distributed
     return distributed.global_state.client is not None
 
 
-def _enable_sycl_donation() -> str | None:
+def _enable_sycl_donation(jax_platform: str = "sycl") -> str | None:
     """Lets jax donate buffers on the ``sycl`` platform (spec/jax-stack.md section 3, item 1).
 
     Stock jax 0.5.0 keeps an allow-list of platforms with donation in
@@ -562,16 +591,10 @@ def _enable_sycl_donation() -> str | None:
     allow_list = getattr(mlir, "_platforms_with_donation", None)
     if not isinstance(allow_list, list):
         return None
-    if "sycl" not in allow_list:
-        allow_list.append("sycl")
-    return "buffer donation enabled on sycl (appended to jax mlir._platforms_with_donation)"
-
-
-def _xpu_plugin_installed() -> bool:
-    try:
-        return importlib.util.find_spec(_XPU_PLUGIN_MODULE) is not None
-    except ModuleNotFoundError:
-        return False
+    if jax_platform not in allow_list:
+        allow_list.append(jax_platform)
+    return (f"buffer donation enabled on {jax_platform} (appended to jax "
+            "mlir._platforms_with_donation)")
 
 
 # XLA flags for the CPU client, added to XLA_FLAGS before jax's backends start unless the user
@@ -582,7 +605,9 @@ def _xpu_plugin_installed() -> bool:
 # harmless next to an accelerator. Single-process runs only: under that runtime a failed gloo
 # collective is a fatal check in XLA (cpu_runtime.cc aborts the process) where the default runtime
 # raises an error the driver reports, so multi-process CPU jobs keep the default runtime.
-CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_use_thunk_runtime=false",)
+# From jax 0.6 XLA no longer has that runtime (jax 0.11 logs '"xla_cpu_use_thunk_runtime" is no
+# longer supported'), so compat.CPU_XLA_FLAGS is empty there.
+CPU_XLA_FLAGS: tuple[str, ...] = compat.CPU_XLA_FLAGS
 
 
 def apply_cpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]:
@@ -654,10 +679,10 @@ def initialize(
     resolved = _complete_distributed(distributed, os.environ)
     started = _backends_started()
     cpu_flags: list[str] = []
-    if platform == "xpu" and not _xpu_plugin_installed():
-        raise ValueError(
-            f"platform='xpu' but the Intel plugin ({_XPU_PLUGIN_DIST}) is not installed: "
-            "pip install '.[xpu]' on an XPU node, or use platform='cpu'")
+    plugins = xpu.installed()
+    if platform == "xpu" and not plugins:
+        raise ValueError(f"platform='xpu' but {xpu.missing_message(compat.STACK)}\n"
+                         "or use platform='cpu'")
     if started:
         if resolved is not None and not _distributed_started():
             raise RuntimeError(
@@ -669,9 +694,10 @@ def initialize(
                 f"{jax.local_device_count()} devices: call initialize() before any other jax use")
     else:
         if platform != "auto":
-            # The plugin registers its backend as "xpu" (its devices report platform "sycl").
-            # CPU stays available next to it for host-side arrays; the first name is the default.
-            jax.config.update("jax_platforms", "xpu,cpu" if platform == "xpu" else "cpu")
+            # The backend name each plugin registers (agpt_jax/xpu.py). CPU stays available
+            # next to it for host-side arrays; the first name is the default.
+            jax.config.update("jax_platforms", ",".join([p.backend for p in plugins] + ["cpu"])
+                              if platform == "xpu" else "cpu")
         if num_cpu_devices is not None:
             jax.config.update("jax_num_cpu_devices", num_cpu_devices)
         if resolved is None:
@@ -689,29 +715,17 @@ def initialize(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         logging.info("jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)",
                      resolved.coordinator_address, resolved.num_processes, resolved.process_id)
-        # cluster_detection_method="deactivate": every value is resolved above; jax's own
-        # detection would otherwise pin one device per process under Slurm / Open MPI.
-        # jax.distributed.initialize at 0.5.0 does not expose the heartbeat settings; it only
-        # checks that no backend started (done above) and calls global_state.initialize.
-        from jax._src import distributed as jax_distributed
-
-        beat = resolved.heartbeat_timeout_s // 10
-        jax_distributed.global_state.initialize(
-            coordinator_address=resolved.coordinator_address,
-            num_processes=resolved.num_processes,
-            process_id=resolved.process_id,
-            local_device_ids=(list(resolved.local_device_ids)
-                              if resolved.local_device_ids is not None else None),
-            cluster_detection_method="deactivate",
-            initialization_timeout=resolved.initialization_timeout_s,
-            service_heartbeat_interval_seconds=beat, service_max_missing_heartbeats=10,
-            client_heartbeat_interval_seconds=beat, client_max_missing_heartbeats=10,
-        )
+        _start_distributed(resolved)
 
     try:
         jax_platform = jax.default_backend()
     except RuntimeError as err:
-        raise RuntimeError(f"jax could not start platform {platform!r}: {err}") from err
+        hint = ""
+        if platform == "xpu":
+            hint = ("; the Intel plugin is installed but its native library did not load (see "
+                    "'Jax plugin configuration error' above): load the oneAPI runtime it was built "
+                    "for (on Aurora: module load frameworks or oneapi), or see docs/xpu.md")
+        raise RuntimeError(f"jax could not start platform {platform!r}: {err}{hint}") from err
     ours = _PLATFORM_NAMES.get(jax_platform, jax_platform)
     if platform != "auto" and ours != platform:
         raise RuntimeError(
@@ -720,17 +734,22 @@ def initialize(
 
     supports_donation, supports_callbacks = True, True
     if ours == "xpu":
-        donation = _enable_sycl_donation()
-        supports_donation = donation is not None
-        workarounds.append(donation or "buffer donation unavailable on sycl (jax's allow-list "
-                           "not found); donated buffers are copied")
-        # spec/jax-stack.md section 3, item 2: "EmitPythonCallback not supported on sycl backend".
-        supports_callbacks = False
-        workarounds.append("no host callbacks inside jit on sycl (jax.debug.print, pure_callback, "
-                           "io_callback disabled)")
-        # Item 3: jax has no sycl -> gpu alias, so jax.devices("gpu") finds nothing on XPU.
-        workarounds.append("platform alias: sycl reported as 'xpu'; code asks Runtime.platform, "
-                           "never jax.devices('gpu')")
+        plugin = xpu.for_jax_platform(jax_platform, _platform_version())
+        workarounds.append(f"Intel GPU plugin: {plugin.name} {xpu.version(plugin.name)} "
+                           f"({plugin.stack}), backend {jax_platform}")
+        if not plugin.donation_in_jax:
+            donation = _enable_sycl_donation(jax_platform)
+            supports_donation = donation is not None
+            workarounds.append(donation or f"buffer donation unavailable on {jax_platform} "
+                               "(jax's allow-list not found); donated buffers are copied")
+        if not plugin.host_callbacks:
+            # spec/jax-stack.md section 3, item 2: "EmitPythonCallback not supported on sycl".
+            supports_callbacks = False
+            workarounds.append("no host callbacks inside jit on sycl (jax.debug.print, "
+                               "pure_callback, io_callback disabled)")
+        # Item 3: jax 0.5.0 has no sycl -> gpu alias, so jax.devices("gpu") finds nothing there.
+        workarounds.append(f"platform alias: {jax_platform} reported as 'xpu'; code asks "
+                           "Runtime.platform, never jax.devices('gpu')")
     if jax_platform == "cpu" and jax.process_count() > 1:
         workarounds.append("cpu collectives: gloo (set in code; the environment variable is "
                            "ignored at jax 0.5.0)")
@@ -802,7 +821,7 @@ class CheckResult:
 
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
-              _XPU_PLUGIN_DIST)
+              *(d for p in xpu.PLUGINS for d in p.distributions))
 
 
 def package_versions() -> dict[str, str]:
@@ -831,8 +850,8 @@ def check_all_reduce(devices: Sequence[jax.Device] | None = None) -> CheckResult
     spec = PartitionSpec(MESH_AXES)
     rows = np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], 128, axis=1)
     x = jax.make_array_from_callback(rows.shape, NamedSharding(mesh, spec), lambda idx: rows[idx])
-    psum = jax.jit(shard_map(partial(jax.lax.psum, axis_name=MESH_AXES), mesh=mesh,
-                             in_specs=spec, out_specs=spec))
+    psum = jax.jit(compat.shard_map(partial(jax.lax.psum, axis_name=MESH_AXES), mesh=mesh,
+                                    in_specs=spec, out_specs=spec))
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
     start = time.perf_counter()
     reduced, summed = psum(x), total(x)
@@ -907,7 +926,11 @@ def run_checks(rt: Runtime) -> list[CheckResult]:
 def check_report(rt: Runtime) -> dict[str, object]:
     """The ``--check`` report as a JSON-serialisable dict (``"ok"``: every check passed)."""
     checks = run_checks(rt)
+    plugins = xpu.installed()
     return {
+        "stack": compat.STACK,
+        "xpu_plugins": [f"{p.name} {xpu.version(p.name)} ({p.stack})" for p in plugins],
+        "xpu_install": None if plugins else xpu.missing_message(compat.STACK),
         "versions": package_versions(),
         "runtime": dataclasses.asdict(rt),
         "local_devices": [str(d) for d in jax.local_devices()],
@@ -921,7 +944,15 @@ def format_report(report: Mapping[str, object]) -> str:
     rt = report["runtime"]
     assert isinstance(rt, dict)
     prefix = f"[process {rt['process_index']}/{rt['process_count']}] "
-    lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),  # type: ignore[union-attr]
+    plugins = report["xpu_plugins"]
+    if plugins and rt["platform"] != "xpu":
+        plugins = [f"{plugins[0]} installed, but jax runs on {rt['jax_platform']}: the plugin did "
+                   "not start (its error is in the log above; without an Intel GPU and the oneAPI "
+                   "runtime that is expected)"]
+    lines = [f"stack: {report['stack']}",
+             "Intel GPU plugin: " + (", ".join(plugins) if plugins  # type: ignore[arg-type]
+                                     else str(report["xpu_install"]).replace("\n", " | ")),
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),  # type: ignore[union-attr]
              f"platform: {rt['platform']} (jax backend {rt['jax_platform']}, {rt['device_kind']})",
              f"devices: {rt['local_device_count']} in this process, {rt['device_count']} total",
              f"local devices: {', '.join(report['local_devices'])}",  # type: ignore[arg-type]

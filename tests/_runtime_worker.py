@@ -16,10 +16,9 @@ import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.experimental.shard_map import shard_map
 from jax.sharding import NamedSharding, PartitionSpec
 
-from agpt_jax import runtime
+from agpt_jax import compat, runtime
 
 
 def main(argv: list[str]) -> None:
@@ -39,8 +38,8 @@ def main(argv: list[str]) -> None:
     rows = np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], 3, axis=1)
     spec = PartitionSpec(("data", "fsdp"))
     x = jax.make_array_from_callback(rows.shape, NamedSharding(mesh, spec), lambda i: rows[i])
-    psum = jax.jit(shard_map(lambda b: jax.lax.psum(b, ("data", "fsdp", "tensor")), mesh=mesh,
-                             in_specs=spec, out_specs=spec))
+    psum = jax.jit(compat.shard_map(lambda b: jax.lax.psum(b, ("data", "fsdp")), mesh=mesh,
+                                    in_specs=spec, out_specs=spec))
     reduced = psum(x)
     gathered = multihost_utils.process_allgather(np.int32(rt.process_index))
     checks = runtime.run_checks(rt)

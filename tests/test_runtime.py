@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import runtime
+from agpt_jax import compat, runtime, xpu
 from agpt_jax.runtime import MeshConfig, make_mesh, parse_mesh
 
 
@@ -389,13 +389,24 @@ def test_check_command_text_and_json():
 
 
 def test_check_command_fails_clearly_without_plugin():
-    try:
-        installed = importlib.util.find_spec("jax_plugins.intel_extension_for_openxla") is not None
-    except ModuleNotFoundError:
-        installed = False
-    if installed:
-        pytest.skip("the Intel plugin is installed here")
+    """No plugin here (CI installs none): --platform=xpu names both plugins and their installs."""
+    assert xpu.installed() == []  # a machine with a plugin must not run this suite's CPU checks
     proc = subprocess.run([sys.executable, "-m", "agpt_jax.runtime", "--check", "--platform=xpu"],
                           env=_child_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert "intel-extension-for-openxla" in proc.stdout and "not installed" in proc.stdout
+    out = proc.stdout
+    assert "no Intel GPU plugin is installed" in out and compat.STACK in out
+    assert "intel-extension-for-openxla" in out and "pip install -c constraints.txt -e '.[xpu]'" in out
+    assert "jax-oneapi-plugin" in out and "-c constraints-jax011.txt -e '.[oneapi]'" in out
+
+
+def test_plugin_table_matches_the_backends_jax_knows():
+    """The oneapi backend name is the one jax itself lists (xla_bridge's experimental plugins on
+    jax 0.11); the extension's is the sycl platform jax 0.5.0 names in its donation warning."""
+    assert xpu.for_jax_platform("oneapi") is xpu.ONEAPI
+    assert xpu.for_jax_platform("gpu", "PJRT oneapi 0.11.2") is xpu.ONEAPI
+    assert xpu.for_jax_platform("sycl") is xpu.EXTENSION
+    assert xpu.for_jax_platform("cuda") is None and xpu.for_jax_platform("cpu") is None
+    from jax._src import xla_bridge
+    if hasattr(xla_bridge, "_experimental_plugins"):
+        assert xpu.ONEAPI.backend in xla_bridge._experimental_plugins
