@@ -105,6 +105,7 @@ def file_list(work):
     return path
 
 
+@pytest.mark.torch
 def test_loss_per_corpus_matches_hf_export(work, run_dir, file_list, hf_model):
     """Per-corpus loss and perplexity of the valid split equal torch CE of the HF model's logits."""
     from agpt_jax.data import BlendConfig, build_blended_splits, read_file_list
@@ -140,6 +141,7 @@ def test_loss_per_corpus_matches_hf_export(work, run_dir, file_list, hf_model):
     assert abs(results["papers"]["loss"] - results["web"]["loss"]) > 0.05
 
 
+@pytest.mark.torch
 def test_saved_logits_match_hf_and_default_dtype_is_the_checkpoints(work, run_dir, hf_model):
     """--save-logits in fp32 equals the HF logits; the default dtype is the trained one (bf16)."""
     tokens = np.random.default_rng(5).integers(0, 100, (3, 20)).astype(np.int64)  # 3: pads to 8

@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 
 from agpt_jax import model as model_lib
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from torch_reference import torch, transformers
 
 
 def _hf_model(cfg: model_lib.GPTConfig, seed: int = 0):
@@ -73,6 +71,7 @@ PARITY_CFG = model_lib.GPTConfig(
     norm_eps=1e-6, compute_dtype="float32", remat="none")
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("scan_layers,remat", [(True, "none"), (False, "full")])
 def test_logits_and_loss_match_hf_llama(scan_layers: bool, remat: str):
     cfg = PARITY_CFG.replace(scan_layers=scan_layers, remat=remat)
@@ -100,6 +99,7 @@ def test_logits_and_loss_match_hf_llama(scan_layers: bool, remat: str):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)
 
 
+@pytest.mark.torch
 def test_bf16_compute_stays_close_to_fp32_reference():
     cfg = PARITY_CFG.replace(compute_dtype="bfloat16")
     hf = _hf_model(cfg, seed=1)

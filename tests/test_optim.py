@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 from agpt_jax import optim
+from torch_reference import torch
 
 L, H, HEADS, HEAD_DIM, F, V = 2, 16, 4, 4, 24, 40
 # Leaves that are norms (1-D per layer or at the top): Megatron's no-weight-decay group.
@@ -116,6 +116,7 @@ def assert_close(jx: dict, ref: dict, what: str, rtol: float, atol: float) -> No
     optim.OptimConfig(),  # AuroraGPT: betas (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0
     optim.OptimConfig(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05, clip_grad=0.3),
 ], ids=["auroragpt", "other"])
+@pytest.mark.torch
 def test_matches_torch_adamw_with_deepspeed_clipping_over_steps(cfg):
     """Params, moments, step and pre-clip norm match torch over 6 steps, clipping active, LR moving."""
     sched_cfg = optim.ScheduleConfig(style="cosine", max_lr=3e-3, min_lr=3e-4, train_iters=8,
@@ -138,6 +139,7 @@ def test_matches_torch_adamw_with_deepspeed_clipping_over_steps(cfg):
     assert moved > 1e-3
 
 
+@pytest.mark.torch
 def test_no_clipping_below_threshold_and_clip_zero_disables():
     """Small grads pass unclipped; clip_grad=0 leaves large grads unclipped, like DeepSpeed."""
     params = make_params()
@@ -158,6 +160,7 @@ def test_no_clipping_below_threshold_and_clip_zero_disables():
                                rtol=1e-6)
 
 
+@pytest.mark.torch
 def test_cpt_load_continues_bias_correction_while_schedule_restarts():
     """A converted checkpoint's step/moments load into Adam; the LR schedule still starts at 0.
 

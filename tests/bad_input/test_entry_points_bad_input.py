@@ -46,12 +46,10 @@ def _load_script(name: str):
     return module
 
 
-def _universal_fixture_writer():
-    path = ROOT / "tests" / "converters" / "test_universal_converters.py"
-    spec = importlib.util.spec_from_file_location("universal_fixture_for_bad_input", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_universal_fixture
+def write_universal(root: str) -> None:
+    """A copy of the committed universal fixture (tests/converters/universal_writer.py)."""
+    shutil.copytree(ROOT / "tests" / "fixtures" / "universal_tiny", root, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("reference.npz"))
 
 
 class _Evil:
@@ -105,7 +103,6 @@ def work(tmp_path_factory):
         paths[name] = os.path.join(d, f"{name}.txt")
         with open(paths[name], "w") as f:
             f.write(text)
-    write_universal = _universal_fixture_writer()
     other_size = os.path.join(d, "universal_other_size")
     os.makedirs(other_size)
     write_universal(other_size)  # 64-wide model with norm_eps 1e-6: not the smoke model
