@@ -106,7 +106,7 @@ def write_lr_schedule(cfg: RunConfig, run_dir: str) -> tuple[str, str]:
     with open(csv_path + ".tmp", "w") as f:
         f.write("iteration,lr\n")
         for i, lr in zip(its, lrs):
-            f.write(f"{int(i)},{lr!r}\n")
+            f.write(f"{int(i)},{float(lr)!r}\n")  # repr: shortest exact float text
     os.replace(csv_path + ".tmp", csv_path)
     import matplotlib
 

@@ -31,6 +31,8 @@ round, so a slow minute slows both sides of a ratio.
     python benchmarks/train_step.py --repeat 2      # each variant twice; prints the spread
     python benchmarks/train_step.py --only defaults,fp32    # a subset of the JAX variants
     python benchmarks/train_step.py --paired 12     # head-to-head: 12 rounds, ratios per round
+    python benchmarks/train_step.py --paired 6 --dtypes bfloat16 \
+        --stack 'jax 0.11.2=.venv-py312-jax011/bin/python'   # both stacks beside torch
     python benchmarks/train_step.py --profile DIR   # XLA dump + jax.profiler trace of the default
                                                     # variant, and a breakdown of where time goes
 """
@@ -72,6 +74,8 @@ class Variant:
             is "blockwise" at seq 1024 on CPU).
         huge_pages: start the process with glibc's huge-page tunable, as agpt-jax's scripts do
             (agpt_jax/hostmem.py), or with glibc's defaults.
+        python: the interpreter of the variant's process ("" for this one): a virtual
+            environment of the other stack (`--stack`), whose agpt-jax is this checkout.
     """
 
     name: str
@@ -80,6 +84,11 @@ class Variant:
     thunk: bool = False
     attention: str = "blockwise"
     huge_pages: bool = True
+    python: str = ""
+
+    @property
+    def interpreter(self) -> str:
+        return self.python or sys.executable
 
     def xla_flags(self, extra: str = "") -> str:
         flags = [] if self.thunk else [THUNK_OFF]
@@ -482,7 +491,7 @@ def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
               profile_dir: str | None = None) -> dict[str, Any]:
     """Runs one variant in a fresh process; adds its peak RSS (GiB) from wait4's rusage."""
     env = _child_env(v, extra_flags)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(dataclasses.asdict(v)),
+    cmd = [v.interpreter, os.path.abspath(__file__), "--child", json.dumps(dataclasses.asdict(v)),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     if args.quick:
         cmd.append("--quick")
@@ -585,10 +594,6 @@ def measure(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 TORCH_FP32, TORCH_BF16 = TORCH_VARIANTS[0], TORCH_VARIANTS[1]
-PAIRED = [DEFAULT, TORCH_FP32, TORCH_BF16,
-          Variant("jax matmul bfloat16 no-thunk", "jax_peak", "bfloat16"),
-          Variant("torch matmul bfloat16", "torch_peak", "bfloat16"),
-          Variant("torch matmul float32", "torch_peak", "float32")]
 
 
 def worker(v: Variant, args: argparse.Namespace) -> None:
@@ -625,7 +630,7 @@ class _Worker:
 
     def __init__(self, v: Variant, args: argparse.Namespace):
         self.v = v
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+        cmd = [v.interpreter, os.path.abspath(__file__), "--worker",
                json.dumps(dataclasses.asdict(v)), "--warmup", str(args.warmup),
                "--turn-steps", str(args.turn_steps)]
         if args.quick:
@@ -656,12 +661,62 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def _stacks(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, interpreter) of every JAX stack to measure: this one, then each --stack."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    out = [(f"jax {jax.__version__}", "")]
+    for spec in args.stack:
+        label, sep, python = spec.partition("=")
+        if not sep or not os.path.isfile(python):
+            raise ValueError(f"--stack {spec!r}: expected LABEL=PYTHON with an existing "
+                             "interpreter, e.g. 'jax 0.11.2=.venv-py312/bin/python'")
+        out.append((label, python))
+    return out
+
+
+def _paired_variants(args: argparse.Namespace) -> tuple[list[Variant], dict[str, str]]:
+    """The train-step variants of each stack in --dtypes, the torch baselines, the ceilings;
+    and for each train variant the ceiling its MFU is taken against."""
+    variants: list[Variant] = []
+    ceilings: list[Variant] = []
+    ceiling_of: dict[str, str] = {}
+    stacks = _stacks(args)
+    for label, python in stacks:
+        # What agpt-jax's runtime sets on that stack: the non-thunk runtime where XLA has it
+        # (jax 0.5.0); XLA of jax 0.11 has only the thunk runtime and ignores the flag.
+        thunk = _stack_has_only_thunk(python)
+        for dtype in args.dtypes.split(","):
+            tag = f" [{label}]" if len(stacks) > 1 else ""
+            name = ("jax bf16 (agpt-jax defaults)" if dtype == "bfloat16" else "jax fp32") + tag
+            peak = f"jax matmul {dtype}{tag}"
+            variants.append(dataclasses.replace(DEFAULT, name=name, dtype=dtype, thunk=thunk,
+                                                python=python))
+            if peak not in ceiling_of.values():
+                ceilings.append(Variant(peak, "jax_peak", dtype, thunk=thunk, python=python))
+            ceiling_of[name] = peak
+    torch_peaks = {"float32": Variant("torch matmul float32", "torch_peak", "float32"),
+                   "bfloat16": Variant("torch matmul bfloat16", "torch_peak", "bfloat16")}
+    for v in (TORCH_FP32, TORCH_BF16):
+        ceiling_of[v.name] = torch_peaks[v.dtype].name
+    return variants + [TORCH_FP32, TORCH_BF16] + ceilings + list(torch_peaks.values()), ceiling_of
+
+
+def _stack_has_only_thunk(python: str) -> bool:
+    """Whether agpt-jax's runtime adds no XLA CPU flag on the stack of `python`."""
+    code = "from agpt_jax import compat; print(not compat.CPU_XLA_FLAGS)"
+    out = subprocess.run([python or sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
 def paired(args: argparse.Namespace) -> None:
-    """Head-to-head: agpt-jax defaults, torch fp32, torch bf16 autocast and the matmul ceilings,
-    each in its own long-lived process. Every round measures each once (one train step, or one
-    ceiling), in an order that rotates per round, and the ratios and MFU are taken within a
+    """Head-to-head: agpt-jax on each stack, torch fp32, torch bf16 autocast and the matmul
+    ceilings, each in its own long-lived process. Every round measures each once (one train step,
+    or one ceiling), in an order that rotates per round, and the ratios and MFU are taken within a
     round: drifts of the machine's speed that last longer than a round cancel out."""
-    workers = [_Worker(v, args) for v in PAIRED]
+    variants, ceiling_of = _paired_variants(args)
+    workers = [_Worker(v, args) for v in variants]
     try:
         for w in workers:
             w.read()  # ready: set up, compiled and warmed up
@@ -675,7 +730,6 @@ def paired(args: argparse.Namespace) -> None:
                 for name, m in got.items()), flush=True)
     finally:
         rss = {w.v.name: w.close() for w in workers}
-    jax_peak, torch_peaks = PAIRED[3].name, {"float32": PAIRED[5].name, "bfloat16": PAIRED[4].name}
     tokens = MICRO_BATCH * 1024
     from agpt_jax import model as model_lib  # pylint: disable=import-outside-toplevel
     flops = model_lib.get_preset(PRESET).flops_per_token() * tokens
@@ -685,20 +739,23 @@ def paired(args: argparse.Namespace) -> None:
           f"{args.turn_steps} back-to-back steps after an untimed one; {os.cpu_count()} CPU "
           "threads; median (min-max) over the rounds of each round's own figure")
     print()
-    print(f"| {'variant':30s} | step s | tokens/s | MFU (this round's ceiling) | "
+    print(f"| {'variant':40s} | step s | tokens/s | MFU (this round's ceiling) | "
           f"x torch fp32 | x torch bf16 | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
-    for v in PAIRED[:3]:
+    for v in variants:
+        if v.kind not in ("jax", "torch"):
+            continue
         steps = [rd[v.name]["s"] for rd in rounds]
-        peak = jax_peak if v.kind == "jax" else torch_peaks[v.dtype]
+        peak = ceiling_of[v.name]
         mfu = [flops / rd[v.name]["s"] / 1e9 / rd[peak]["peak"] * 100 for rd in rounds]
         x32 = [rd[TORCH_FP32.name]["s"] / rd[v.name]["s"] for rd in rounds]
         x16 = [rd[TORCH_BF16.name]["s"] / rd[v.name]["s"] for rd in rounds]
-        print(f"| {v.name:30s} | {_summary(steps)} | {tokens / statistics.median(steps):8.1f} | "
+        print(f"| {v.name:40s} | {_summary(steps)} | {tokens / statistics.median(steps):8.1f} | "
               f"{statistics.median(mfu):.1f} ({min(mfu):.1f}-{max(mfu):.1f})% | {_summary(x32)}x | {_summary(x16)}x | {rss[v.name]:.2f} |")
     print()
-    for name in (jax_peak, *torch_peaks.values()):
-        print(f"ceiling {name}: {_summary([rd[name]['peak'] for rd in rounds])} GFLOP/s")
+    for v in variants:
+        if v.kind.endswith("_peak"):
+            print(f"ceiling {v.name}: {_summary([rd[v.name]['peak'] for rd in rounds])} GFLOP/s")
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -758,6 +815,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--turn-steps", type=int, default=2,
                    help="paired mode: timed back-to-back steps per variant and round (after one "
                         "untimed step)")
+    p.add_argument("--stack", action="append", default=[], metavar="LABEL=PYTHON",
+                   help="paired mode: also measure agpt-jax under this interpreter (a virtual "
+                        "environment of the other stack with this checkout installed), e.g. "
+                        "--stack 'jax 0.11.2=.venv-py312-jax011/bin/python'")
+    p.add_argument("--dtypes", default="bfloat16",
+                   help="paired mode: comma-separated JAX compute dtypes to measure per stack "
+                        "(bfloat16, float32)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
