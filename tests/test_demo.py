@@ -72,7 +72,10 @@ def test_pretraining_and_legacy_cpt_learn(demo_run):
     assert loss["constant_cooldown"]["papers"] < loss["pretrained"]["papers"] - 0.05
     train, _ = _records(os.path.join(out, "runs", "legacy"))
     papers = [r["loss/papers"] for r in train if "loss/papers" in r]
-    assert np.mean(papers[-3:]) < papers[0]
+    # Per-batch losses of one corpus move by +-0.3 here (12 logged batches of a few thousand
+    # tokens), so the first and the last three batches are compared as means; a single first
+    # batch was a coin toss (6.79 against a final mean of 6.80 on jax 0.11).
+    assert np.mean(papers[-3:]) < np.mean(papers[:3])
     # Both corpora are in the CPT batches (replay), the papers share near 0.9.
     last = train[-1]
     share = last["tokens/papers"] / (last["tokens/papers"] + last["tokens/web"])
