@@ -76,6 +76,7 @@ class Variant:
             (agpt_jax/hostmem.py), or with glibc's defaults.
         python: the interpreter of the variant's process ("" for this one): a virtual
             environment of the other stack (`--stack`), whose agpt-jax is this checkout.
+        extra_flags: more XLA_FLAGS for this variant (`--stack-flags`).
     """
 
     name: str
@@ -85,6 +86,7 @@ class Variant:
     attention: str = "blockwise"
     huge_pages: bool = True
     python: str = ""
+    extra_flags: str = ""
 
     @property
     def interpreter(self) -> str:
@@ -92,6 +94,7 @@ class Variant:
 
     def xla_flags(self, extra: str = "") -> str:
         flags = [] if self.thunk else [THUNK_OFF]
+        flags += self.extra_flags.split()
         if extra:
             flags.append(extra)
         return " ".join(flags)
@@ -692,6 +695,10 @@ def _paired_variants(args: argparse.Namespace) -> tuple[list[Variant], dict[str,
             peak = f"jax matmul {dtype}{tag}"
             variants.append(dataclasses.replace(DEFAULT, name=name, dtype=dtype, thunk=thunk,
                                                 python=python))
+            for flags in (args.stack_flags if python else []):  # only the --stack stacks
+                variants.append(dataclasses.replace(variants[-1], name=f"{name} {flags}",
+                                                    extra_flags=flags))
+                ceiling_of[variants[-1].name] = peak
             if peak not in ceiling_of.values():
                 ceilings.append(Variant(peak, "jax_peak", dtype, thunk=thunk, python=python))
             ceiling_of[name] = peak
@@ -819,6 +826,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="paired mode: also measure agpt-jax under this interpreter (a virtual "
                         "environment of the other stack with this checkout installed), e.g. "
                         "--stack 'jax 0.11.2=.venv-py312-jax011/bin/python'")
+    p.add_argument("--stack-flags", action="append", default=[], metavar="XLA_FLAGS",
+                   help="paired mode: also measure each --stack stack's train step with these "
+                        "extra XLA flags (benchmarks/xla_cpu_flags.py finds candidates)")
     p.add_argument("--dtypes", default="bfloat16",
                    help="paired mode: comma-separated JAX compute dtypes to measure per stack "
                         "(bfloat16, float32)")

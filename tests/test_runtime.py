@@ -401,12 +401,20 @@ def test_check_command_fails_clearly_without_plugin():
 
 
 def test_plugin_table_matches_the_backends_jax_knows():
-    """The oneapi backend name is the one jax itself lists (xla_bridge's experimental plugins on
-    jax 0.11); the extension's is the sycl platform jax 0.5.0 names in its donation warning."""
+    """The table's claims about jax hold for the jax of the plugin's stack: jax 0.11 knows the
+    oneapi backend and donates on it; jax 0.5.0 does not donate on the extension's sycl."""
     assert xpu.for_jax_platform("oneapi") is xpu.ONEAPI
     assert xpu.for_jax_platform("gpu", "PJRT oneapi 0.11.2") is xpu.ONEAPI
     assert xpu.for_jax_platform("sycl") is xpu.EXTENSION
     assert xpu.for_jax_platform("cuda") is None and xpu.for_jax_platform("cpu") is None
     from jax._src import xla_bridge
-    if hasattr(xla_bridge, "_experimental_plugins"):
+    from jax._src.interpreters import mlir
+
+    donates = set(mlir._platforms_with_donation)
+    if compat.JAX_VERSION >= (0, 11):
         assert xpu.ONEAPI.backend in xla_bridge._experimental_plugins
+        assert xla_bridge._platform_aliases[xpu.ONEAPI.backend] == "gpu"
+        assert (xpu.ONEAPI.backend in donates) == xpu.ONEAPI.donation_in_jax
+    else:
+        assert compat.JAX_VERSION[:2] == (0, 5)
+        assert (xpu.EXTENSION.backend in donates) == xpu.EXTENSION.donation_in_jax
