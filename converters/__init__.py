@@ -1,6 +1,8 @@
 """Checkpoint converters at agpt-jax's border: DeepSpeed universal <-> Orbax, Orbax -> HF Llama.
 
-Only this package imports torch, transformers or safetensors, and only inside functions.
+None of it needs torch: `.pt` files are read and written by `converters.pt_archive`, HF weights by
+safetensors' numpy API. Only `orbax_to_hf` imports transformers (for config.json and the tokenizer),
+inside its functions.
 
 Command lines:
     python -m converters.universal_to_orbax --load SRC --save DST [--no-optimizer-state]
