@@ -726,15 +726,16 @@ def initialize(
                     "'Jax plugin configuration error' above): load the oneAPI runtime it was built "
                     "for (on Aurora: module load frameworks or oneapi), or see docs/xpu.md")
         raise RuntimeError(f"jax could not start platform {platform!r}: {err}{hint}") from err
-    ours = _PLATFORM_NAMES.get(jax_platform, jax_platform)
+    plugin = xpu.for_jax_platform(jax_platform, _platform_version())
+    # jax 0.11 may report the oneapi backend as "gpu" (an alias); the plugin decides, not the name.
+    ours = "xpu" if plugin is not None else _PLATFORM_NAMES.get(jax_platform, jax_platform)
     if platform != "auto" and ours != platform:
         raise RuntimeError(
             f"platform={platform!r} was requested but jax runs on {jax_platform!r}; jax had "
             "already started, or the platform failed to start (see jax's log above)")
 
     supports_donation, supports_callbacks = True, True
-    if ours == "xpu":
-        plugin = xpu.for_jax_platform(jax_platform, _platform_version())
+    if plugin is not None:
         workarounds.append(f"Intel GPU plugin: {plugin.name} {xpu.version(plugin.name)} "
                            f"({plugin.stack}), backend {jax_platform}")
         if not plugin.donation_in_jax:
