@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import io
 import math
 import mmap
 import os
 import pickle
 import struct
 import zipfile
-import io
 from typing import Any, Literal
 
 import ml_dtypes
@@ -206,8 +206,6 @@ def _member_offset(raw: mmap.mmap, info: zipfile.ZipInfo, path: str) -> int:
 
 class _ArchiveUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: _Archive, foreign: str) -> None:
-        import io
-
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._foreign = foreign
