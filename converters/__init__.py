@@ -8,6 +8,10 @@ Command lines:
     python -m converters.universal_to_orbax --load SRC --save DST [--no-optimizer-state]
     python -m converters.orbax_to_universal --load SRC --save DST
     python -m converters.orbax_to_hf --load SRC --save DST [--tokenizer PATH]
+
+Exit codes (every converter): 0 converted; 2 bad input (a missing or malformed --load, an existing
+--save, a bad flag); 1 the conversion failed while writing (disk full, quota, I/O error) or was
+interrupted. Nothing is left at --save unless the exit code is 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS
 
 class ConversionError(ValueError):
     """A conversion cannot proceed: bad input or an existing destination."""
+
+
+class WriteFailedError(ConversionError):
+    """Writing the converted checkpoint failed (disk full, quota, I/O error): not the input's fault."""
 
 
 def temporary_path(dst: str) -> str:
@@ -121,7 +129,7 @@ def write_atomically(dst: str, write: Callable[[str], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_write_failure(e):
             raise
-        raise ConversionError(
+        raise WriteFailedError(
             f"{dst}: writing the converted checkpoint failed ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); nothing was left at "
             "--save. Check free disk space and quotas, then run the same command again") from e
@@ -130,16 +138,32 @@ def write_atomically(dst: str, write: Callable[[str], None]) -> None:
         raise
 
 
+# Exit codes of the converters: 0 done, 1 failed while converting, 2 bad input.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def exit_code_of(e: BaseException) -> int:
+    """EXIT_FAILED for a failure while converting (a failed write, an I/O error, an interrupt),
+    EXIT_BAD_INPUT for an input the user must fix (any other ValueError or OSError: a missing,
+    unreadable or malformed file, an existing destination)."""
+    if isinstance(e, WriteFailedError) or isinstance(e, KeyboardInterrupt):
+        return EXIT_FAILED
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return EXIT_FAILED
+    return EXIT_BAD_INPUT
+
+
 def run_cli(body: Callable[[], None], debug: bool) -> int:
-    """Run a converter body; a user error becomes one line on stderr and exit code 1."""
+    """Run a converter body; an error becomes one line on stderr and its exit code (exit_code_of):
+    2 for bad input, 1 for a failure while writing or an interrupt."""
     try:
         body()
     except (ValueError, OSError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        return exit_code_of(e)
+    except KeyboardInterrupt as e:
         print("error: interrupted; nothing was written at --save", file=sys.stderr)
-        return 1
-    return 0
+        return exit_code_of(e)
+    return EXIT_OK

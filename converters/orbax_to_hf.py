@@ -166,7 +166,7 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit code (1 on error)."""
+    """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
     parser = argparse.ArgumentParser(prog="python -m converters.orbax_to_hf",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="agpt-jax checkpoint or run --save root")

@@ -174,7 +174,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit code (1 on error)."""
+    """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
     parser = argparse.ArgumentParser(prog="python -m converters.universal_to_orbax",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="universal --load root or folder")

@@ -557,7 +557,7 @@ def test_bad_input(universal, tmp_path, capsys, breaker):
     expected = breaker(root)
     dst = str(tmp_path / "out")
     capsys.readouterr()
-    assert universal_to_orbax.main(["--load", root, "--save", dst]) == 1
+    assert universal_to_orbax.main(["--load", root, "--save", dst]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert expected in err, err
@@ -566,12 +566,15 @@ def test_bad_input(universal, tmp_path, capsys, breaker):
 
 def test_orbax_side_bad_input(tmp_path, capsys, converted):
     assert orbax_to_universal.main(["--load", str(tmp_path / "nothing"),
-                                    "--save", str(tmp_path / "u")]) == 1
-    assert "no such checkpoint directory" in capsys.readouterr().err
+                                    "--save", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint directory" in err and str(tmp_path / "nothing") in err, err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert orbax_to_hf.main(["--load", str(empty), "--save", str(tmp_path / "h")]) == 1
-    assert "not an agpt-jax checkpoint" in capsys.readouterr().err
-    assert orbax_to_hf.main(["--load", converted, "--save", str(empty)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert orbax_to_hf.main(["--load", str(empty), "--save", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "not an agpt-jax checkpoint" in err and str(empty) in err, err
+    assert orbax_to_hf.main(["--load", converted, "--save", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: already exists" in err, err
     assert sorted(os.listdir(tmp_path)) == ["empty"]

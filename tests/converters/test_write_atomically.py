@@ -57,3 +57,27 @@ def test_failed_write_leaves_nothing(tmp_path):
     else:
         raise AssertionError("the writer's error must propagate")
     assert os.listdir(tmp_path) == []
+
+
+def test_exit_codes_bad_input_2_failed_write_1(tmp_path, capsys):
+    """run_cli: an existing --save is bad input (2); a full disk while writing is a failure (1)."""
+    import errno
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert converters.run_cli(
+        lambda: converters.write_atomically(str(taken), lambda tmp: None), debug=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {taken}: already exists; choose a new --save path or remove it", err
+
+    def full(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(tmp, "shard"))
+
+    dst = str(tmp_path / "out")
+    assert converters.run_cli(lambda: converters.write_atomically(dst, full), debug=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {dst}: writing the converted checkpoint "
+                                               "failed (OSError:"), err
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    assert converters.run_cli(lambda: open(str(tmp_path / "no_such.pt"), "rb"), debug=False) == 2
+    assert "no_such.pt" in capsys.readouterr().err
