@@ -8,6 +8,9 @@ train lines {"iteration", "tokens", "loss", "loss/<corpus>", "lr", ...} and eval
 token axis: train loss (total solid, each corpus dashed or dotted), eval loss (points) and the
 learning rate. One colour per run, labelled by the run folder's name, so e.g. CPT runs that rewarm
 to LR/2, LR and 2LR can be compared at a glance.
+
+Exit codes: 0 plotted; 2 bad input (a flag, a missing run folder, an unreadable or malformed
+metrics.jsonl; the message names the file and line); 1 writing the PNG failed.
 """
 
 from __future__ import annotations
@@ -106,8 +109,8 @@ def read_run(run_dir: str, label: str | None = None) -> RunMetrics:
         are ignored; a resumed run that logs an iteration again keeps both points, in file order.
 
     Raises:
-        RunDirError: the folder or file is missing, a line is not JSON, a needed field is missing
-            or not a number, or the file has no train line.
+        RunDirError: the folder or file is missing or unreadable, a line is not JSON, a needed
+            field is missing or not a number, or the file has no train line.
     """
     path = run_dir
     if os.path.isdir(run_dir):
@@ -121,32 +124,39 @@ def read_run(run_dir: str, label: str | None = None) -> RunMetrics:
         folder = os.path.dirname(os.path.abspath(path))
         label = os.path.basename(folder)
     c = _Collector()
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            text = raw.strip()
-            if not text:
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RunDirError(f"{path}:{lineno}: not a JSON object ({e.msg}); every line of "
-                                  f"{METRICS_FILE} must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise RunDirError(f"{path}:{lineno}: expected a JSON object, got "
-                                  f"{type(rec).__name__}")
-            is_train, is_eval = "loss" in rec, "eval/loss" in rec
-            if not (is_train or is_eval):
-                continue
-            if "tokens" not in rec:
-                raise RunDirError(f"{path}:{lineno}: field 'tokens' is missing; every train and "
-                                  "eval line needs the tokens consumed so far")
-            tokens = _number(rec["tokens"], path, lineno, "tokens")
-            for key, value in rec.items():
-                if key == "loss" or key.startswith("loss/") or key == "lr" or (
-                        key.startswith("eval/loss")):
-                    if value is None:  # a corpus absent from this batch
-                        continue
-                    c.add(key, tokens, _number(value, path, lineno, key))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                          f"{METRICS_FILE} is JSON lines written by cpt.py") from None
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for lineno, raw in enumerate(lines, start=1):
+        text = raw.strip()
+        if not text:
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}:{lineno}: not a JSON object ({e.msg}); every line of "
+                              f"{METRICS_FILE} must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise RunDirError(f"{path}:{lineno}: expected a JSON object, got "
+                              f"{type(rec).__name__}")
+        is_train, is_eval = "loss" in rec, "eval/loss" in rec
+        if not (is_train or is_eval):
+            continue
+        if "tokens" not in rec:
+            raise RunDirError(f"{path}:{lineno}: field 'tokens' is missing; every train and "
+                              "eval line needs the tokens consumed so far")
+        tokens = _number(rec["tokens"], path, lineno, "tokens")
+        for key, value in rec.items():
+            if key == "loss" or key.startswith("loss/") or key == "lr" or (
+                    key.startswith("eval/loss")):
+                if value is None:  # a corpus absent from this batch
+                    continue
+                c.add(key, tokens, _number(value, path, lineno, key))
     loss = c.series("loss")
     if loss.tokens.size == 0:
         raise RunDirError(f"{path}: no train line (a line with 'loss' and 'tokens'); the run has "
@@ -305,6 +315,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _out_problem(out_png: str) -> str | None:
+    """Why `out_png` cannot be written (a folder, or under a file), or None."""
+    if os.path.isdir(out_png):
+        return "is a folder; pass the PNG file to write"
+    parent = os.path.dirname(os.path.abspath(out_png))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder; choose another --out"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smooth < 1:
@@ -319,7 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = plot_runs(runs, args.out, args.smooth, args.title)
+    problem = _out_problem(args.out)
+    if problem:
+        print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        out = plot_runs(runs, args.out, args.smooth, args.title)
+    except OSError as e:
+        print(f"error: writing --out {args.out!r} failed ({e})", file=sys.stderr)
+        return 1
     for r in runs:
         last = r.loss.values[-1]
         ev = f", last eval loss {r.eval_loss.values[-1]:.4f}" if r.eval_loss.values.size else ""

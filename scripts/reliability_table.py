@@ -5,6 +5,9 @@
 
 Every record is one JSON file (tests/faults/fault_helpers.py: `record`) with "kind" ("fault" or
 "bad_input"), "title", "how", "trials", "observed" and optionally "message", "entry", "order".
+
+Exit codes: 0 written; 2 bad input (no records in --results, a record that is not JSON or lacks a
+field, an --out that is a folder or in a folder that does not exist); 1 writing --out failed.
 """
 
 from __future__ import annotations
@@ -121,11 +124,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render(load_records(args.results))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        print(f"error: --out {args.out}: the folder {folder} does not exist; create it or choose "
+              "another --out", file=sys.stderr)
+        return 2
+    if os.path.isdir(args.out):
+        print(f"error: --out {args.out} is a folder; pass the markdown file to write",
+              file=sys.stderr)
+        return 2
     tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"error: writing {args.out} failed ({e}); {args.out} is unchanged", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

@@ -90,7 +90,7 @@ def test_same_folder_names_get_parent_labels(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "bad_json", "bad_number",
-                                  "no_tokens", "no_train_lines"])
+                                  "no_tokens", "no_train_lines", "not_utf8"])
 def test_bad_run_dirs_give_one_clear_line(tmp_path, capsys, case):
     good = tmp_path / "good"
     _write_run(good, 1e-4)
@@ -112,6 +112,9 @@ def test_bad_run_dirs_give_one_clear_line(tmp_path, capsys, case):
     elif case == "no_tokens":
         metrics.write_text(json.dumps({"iteration": 1, "loss": 3.0}) + "\n")
         needle = "metrics.jsonl:1: field 'tokens' is missing"
+    elif case == "not_utf8":
+        metrics.write_bytes(b"\xff\xfe" + json.dumps(line).encode() + b"\n")
+        needle = "bad/metrics.jsonl: not UTF-8 text"
     else:
         metrics.write_text(json.dumps({"iteration": 1, "tokens": 1, "eval/loss": 3.0}) + "\n")
         needle = "no train line"
@@ -120,3 +123,17 @@ def test_bad_run_dirs_give_one_clear_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["folder", "under_a_file"])
+def test_bad_out_is_a_usage_error(tmp_path, capsys, case):
+    good = tmp_path / "good"
+    _write_run(good, 1e-4)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "plots.png").mkdir()
+    out = {"folder": tmp_path / "plots.png",
+           "under_a_file": tmp_path / "a_file" / "sub" / "x.png"}[case]
+    assert plot_runs.main([str(good), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out '{out}': "), err
+    assert ("is a folder" if case == "folder" else f"{tmp_path / 'a_file'} is a file") in err[0]
