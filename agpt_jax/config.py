@@ -27,20 +27,27 @@ CPT_RECIPES = ("legacy", "constant_cooldown", "cooldown")
 STRATEGIES = ("fsdp", "zero1")
 PLATFORMS = ("auto", "cpu", "xpu")
 
-# The ConfigDict keys (configs/common.py) and the launcher variable each one defaults from.
-ENV_OF_KEY = {
-    "data_file_list": "DATA_FILE_LIST", "load": "LOAD", "save": "SAVE",
-    "train_tokens": "TRAIN_TOKENS", "train_iters": "TRAIN_ITERS",
-    "grad_acc_steps": "GRAD_ACC_STEPS", "micro_batch": "MICRO_BATCH",
-    "global_batch": "GLOBAL_BATCH", "seq_length": "SEQ", "lr": "LR",
-    "lr_decay_style": "LR_DECAY_STYLE", "lr_warmup_frac": "LR_WARMUP_FRAC",
-    "min_lr": "MIN_LR", "save_interval": "SAVE_INTERVAL", "eval_interval": "EVAL_INTERVAL",
-    "eval_iters": "EVAL_ITERS", "tp": "TP", "lr_decay_iters": "LR_DECAY_ITERS",
+# The ConfigDict keys (configs/common.py) and the launcher variables each one defaults from
+# (several: the first set one wins, configs/common.py).
+ENV_OF_KEY: dict[str, tuple[str, ...]] = {
+    "data_file_list": ("DATA_FILE_LIST",), "load": ("LOAD",), "save": ("SAVE",),
+    "train_tokens": ("TRAIN_TOKENS",), "train_iters": ("TRAIN_ITERS", "TRAIN_ITER"),
+    "grad_acc_steps": ("GRAD_ACC_STEPS",), "micro_batch": ("MICRO_BATCH",),
+    "global_batch": ("GLOBAL_BATCH",), "seq_length": ("SEQ",), "lr": ("LR",),
+    "lr_decay_style": ("LR_DECAY_STYLE",),
+    "lr_warmup_frac": ("LR_WARMUP_FRAC",),
+    "min_lr": ("MIN_LR",), "save_interval": ("SAVE_INTERVAL",),
+    "eval_interval": ("EVAL_INTERVAL",), "eval_iters": ("EVAL_ITERS",), "tp": ("TP",),
+    "lr_decay_iters": ("LR_DECAY_ITERS",), "compute_dtype": ("DTYPE_COMPUTE",),
+    "split": ("SPLIT",), "seed": ("SEED",), "adam_beta1": ("ADAM_BETA1",),
+    "adam_beta2": ("ADAM_BETA2",), "adam_eps": ("ADAM_EPS",), "weight_decay": ("WEIGHT_DECAY",),
+    "clip_grad": ("CLIP_GRAD",), "log_interval": ("LOG_INTERVAL",),
 }
 KEYS = (
     "recipe", "scale", "model", "seq_length", "compute_dtype", "attention", "remat",
     "data_file_list", "split", "seed", "data_cache_dir", "load", "save", "run_dir",
-    "load_optimizer_state", "reset_iteration", "allow_cooled_down_source", "save_interval",
+    "load_optimizer_state", "reset_iteration", "universal_checkpoint", "allow_cooled_down_source",
+    "save_interval",
     "keep_checkpoints", "train_tokens", "train_iters", "micro_batch", "grad_acc_steps",
     "global_batch", "stop_at_iteration", "lr", "min_lr", "lr_decay_style", "lr_warmup_frac",
     "lr_warmup_frac_note", "lr_warmup_iters", "lr_decay_iters", "cooldown_frac",
@@ -111,6 +118,8 @@ class CheckpointConfig:
         load_optimizer_state: restore Adam moments and step from `load` (Megatron's universal
             load does, spec §2.6); False starts fresh moments.
         reset_iteration: Megatron's --finetune: iteration, schedule and consumed samples start at 0.
+        universal_checkpoint: Megatron's --universal-checkpoint: LOAD must be a DeepSpeed universal
+            checkpoint (checked before anything runs); False detects the kind of LOAD.
         allow_cooled_down_source: constant_cooldown only: accept a source whose LR was decayed.
     """
 
@@ -120,6 +129,7 @@ class CheckpointConfig:
     load_optimizer_state: bool
     reset_iteration: bool
     allow_cooled_down_source: bool
+    universal_checkpoint: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +189,7 @@ class RunConfig:
 
 def _name(key: str) -> str:
     env = ENV_OF_KEY.get(key)
-    return f"config.{key}" + (f" (env {env})" if env else "")
+    return f"config.{key}" + (f" (env {' or '.join(env)})" if env else "")
 
 
 def _model(c: Mapping[str, Any], problems: list[str]) -> model_lib.GPTConfig | None:
@@ -261,10 +271,11 @@ def from_config(config: Mapping[str, Any], device_count: int,
     for key, choices in (("strategy", STRATEGIES), ("platform", PLATFORMS)):
         if c[key] not in choices:
             problems.append(f"config.{key}={c[key]!r}: choose one of {', '.join(choices)}")
-    _positive(c, ("micro_batch", "grad_acc_steps", "seq_length", "save_interval",
+    _positive(c, ("micro_batch", "seq_length", "save_interval",
                   "eval_interval", "log_interval", "keep_checkpoints", "max_skipped_in_a_row",
                   "tp"), problems)
-    for key in ("eval_iters", "train_tokens", "train_iters", "global_batch", "stop_at_iteration",
+    for key in ("grad_acc_steps", "eval_iters", "train_tokens", "train_iters", "global_batch",
+                "stop_at_iteration",
                 "lr_warmup_iters", "lr_decay_iters", "cooldown_tokens"):
         if int(c[key]) < 0:
             problems.append(f"{_name(key)}={c[key]} must be >= 0")
@@ -289,19 +300,41 @@ def from_config(config: Mapping[str, Any], device_count: int,
                         "unset it, or use configs/legacy.py to continue a checkpoint")
     if load and check_paths and not os.path.exists(load):
         problems.append(f"{_name('load')}={load!r} does not exist; give an existing checkpoint")
+    elif c["universal_checkpoint"] and not load:
+        problems.append("--universal-checkpoint (config.universal_checkpoint) needs LOAD: set "
+                        "LOAD=<universal checkpoint root> or --config.load=<dir>")
+    elif c["universal_checkpoint"] and check_paths and not is_universal_checkpoint(load):
+        problems.append(f"--universal-checkpoint (config.universal_checkpoint): {_name('load')}="
+                        f"{load!r} is not a DeepSpeed universal checkpoint (no latest_universal "
+                        "file, and not a global_stepN_universal folder with "
+                        "mp_rank_00_model_states.pt and zero/); give the universal checkpoint, or "
+                        "drop --universal-checkpoint to load an agpt-jax checkpoint")
 
     # Batch arithmetic (spec §1.2: GLOBAL_BATCH = WORLD_SIZE * MICRO_BATCH * GRAD_ACC_STEPS / TP).
     batch = None
-    if dp and int(c["micro_batch"]) > 0 and int(c["grad_acc_steps"]) > 0:
-        gbs = int(c["micro_batch"]) * int(c["grad_acc_steps"]) * dp
-        if int(c["global_batch"]) and int(c["global_batch"]) != gbs:
-            problems.append(
-                f"{_name('global_batch')}={c['global_batch']} but micro_batch {c['micro_batch']} x "
-                f"grad_acc_steps {c['grad_acc_steps']} x data-parallel size {dp} = {gbs}; set "
-                f"GLOBAL_BATCH={gbs} (or 0), or change MICRO_BATCH / GRAD_ACC_STEPS")
+    micro, acc, want = int(c["micro_batch"]), int(c["grad_acc_steps"]), int(c["global_batch"])
+    if dp and micro > 0 and acc == 0 and not want:
+        problems.append(f"{_name('grad_acc_steps')}=0 derives the accumulation steps from "
+                        f"{_name('global_batch')}, which is not set; set one of them")
+    elif dp and micro > 0 and acc == 0:
+        # Megatron: num_micro_batches = global_batch_size // (micro_batch_size x data_parallel).
+        if want % (micro * dp):
+            problems.append(f"{_name('global_batch')}={want} is not a multiple of micro_batch "
+                            f"{micro} x data-parallel size {dp} = {micro * dp}; choose a multiple "
+                            "or set GRAD_ACC_STEPS")
         else:
-            batch = BatchConfig(micro_batch=int(c["micro_batch"]),
-                                grad_acc_steps=int(c["grad_acc_steps"]), data_parallel=dp,
+            acc = want // (micro * dp)
+            notes.append(f"grad_acc_steps={acc} from global_batch {want} / (micro_batch {micro} x "
+                         f"data-parallel size {dp})")
+    if dp and micro > 0 and acc > 0:
+        gbs = micro * acc * dp
+        if want and want != gbs:
+            problems.append(
+                f"{_name('global_batch')}={want} but micro_batch {micro} x grad_acc_steps {acc} "
+                f"x data-parallel size {dp} = {gbs}; set GLOBAL_BATCH={gbs} (or 0), or change "
+                f"MICRO_BATCH / GRAD_ACC_STEPS")
+        else:
+            batch = BatchConfig(micro_batch=micro, grad_acc_steps=acc, data_parallel=dp,
                                 global_batch_size=gbs, seq_length=int(c["seq_length"]))
 
     # Iterations (spec §1.3: bash integer division, left to right).
@@ -374,7 +407,8 @@ def from_config(config: Mapping[str, Any], device_count: int,
         save_interval=int(c["save_interval"]), keep=int(c["keep_checkpoints"]),
         load_optimizer_state=bool(c["load_optimizer_state"]),
         reset_iteration=bool(c["reset_iteration"]),
-        allow_cooled_down_source=bool(c["allow_cooled_down_source"]))
+        allow_cooled_down_source=bool(c["allow_cooled_down_source"]),
+        universal_checkpoint=bool(c["universal_checkpoint"]))
     return RunConfig(
         recipe=recipe, scale=c["scale"], run_dir=run_dir, model=model, data=data, batch=batch,
         schedule=schedule, optim=optimizer, mesh=mesh, checkpoint=ckpt, train_iters=train_iters,
@@ -383,6 +417,17 @@ def from_config(config: Mapping[str, Any], device_count: int,
         log_interval=int(c["log_interval"]), max_skipped_in_a_row=int(c["max_skipped_in_a_row"]),
         peak_tflops_per_device=float(c["peak_tflops_per_device"]), strategy=c["strategy"],
         platform=c["platform"], progress_bar=bool(c["progress_bar"]), notes=tuple(notes))
+
+
+def is_universal_checkpoint(path: str) -> bool:
+    """Whether `path` is a DeepSpeed universal checkpoint: a root with latest_universal, or a
+    global_stepN_universal folder (mp_rank_00_model_states.pt and zero/)."""
+    from converters import universal as uv
+
+    if os.path.isfile(os.path.join(path, uv.LATEST_UNIVERSAL)):
+        return True
+    return os.path.isfile(os.path.join(path, uv.MODEL_STATES)) and os.path.isdir(
+        os.path.join(path, uv.ZERO))
 
 
 def describe(cfg: RunConfig) -> str:

@@ -34,7 +34,8 @@ from agpt_jax import init_checkpoint as ic
 from agpt_jax import metrics as metrics_lib
 from agpt_jax import optim
 from agpt_jax import train as train_lib
-from agpt_jax.config import ConfigError, RunConfig, describe, write_config_json
+from agpt_jax.config import (ConfigError, RunConfig, describe, is_universal_checkpoint,
+                             write_config_json)
 from agpt_jax.data import BlendConfig, build_blended_splits, make_batch_iterator, read_file_list
 from agpt_jax.data.indexed import IndexedDataset
 from agpt_jax.data.samples import num_epochs_for, parse_split
@@ -179,12 +180,7 @@ def dry_run(cfg: RunConfig, rt: Runtime) -> DryRunReport:
 
 
 def _is_universal(path: str) -> bool:
-    from converters import universal as uv
-
-    if os.path.isfile(os.path.join(path, uv.LATEST_UNIVERSAL)):
-        return True
-    return os.path.isfile(os.path.join(path, uv.MODEL_STATES)) and os.path.isdir(
-        os.path.join(path, uv.ZERO))
+    return is_universal_checkpoint(path)
 
 
 def _describe_source(load: str) -> str:

@@ -428,6 +428,62 @@ def distributed_from_env(environ: Mapping[str, str] = os.environ) -> Distributed
                              process_id=ranks.rank)
 
 
+# Devices (ranks) per host when NGPU_PER_HOST is unset: the 12 tiles of an Aurora node.
+DEFAULT_DEVICES_PER_HOST = 12
+
+
+def target_world_size(environ: Mapping[str, str], explicit: int | None,
+                      device_count: int) -> tuple[int, int | None, str]:
+    """The world size (devices, = Megatron's ranks) of the job a dry run plans, and its source.
+
+    A login node has one CPU device; the job it plans has the world size its launcher will see.
+    Order: an explicit ``--world_size``; ``NGPUS``; ``NHOSTS`` x ``NGPU_PER_HOST``; the hosts of
+    ``PBS_NODEFILE`` x ``NGPU_PER_HOST`` (ezpz's ``ezpz_setup_job``, which Megatron-DeepSpeed's
+    ALCF launcher sources, counts them so); else this machine's devices.
+    ``NGPU_PER_HOST`` defaults to 12 (an Aurora node).
+
+    Returns:
+        (world size, hosts or None when unknown, a sentence naming the source).
+
+    Raises:
+        ValueError: a malformed variable or an unreadable PBS_NODEFILE (names it and the fix).
+    """
+    def number(name: str) -> int | None:
+        value = environ.get(name, "").strip()
+        if not value:
+            return None
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"environment variable {name}={value!r} is not a positive integer; "
+                             "unset it or give a whole number")
+        return int(value)
+
+    per_host = number("NGPU_PER_HOST")
+    per_host_text = (f"NGPU_PER_HOST={per_host}" if per_host else
+                     f"{DEFAULT_DEVICES_PER_HOST} per host (NGPU_PER_HOST unset: an Aurora node)")
+    per_host = per_host or DEFAULT_DEVICES_PER_HOST
+    if explicit is not None:
+        if explicit < 1:
+            raise ValueError(f"--world_size={explicit} must be a positive integer")
+        return explicit, None, f"--world_size={explicit}"
+    if number("NGPUS"):
+        return number("NGPUS"), None, f"NGPUS={number('NGPUS')}"
+    hosts = number("NHOSTS")
+    if hosts:
+        return hosts * per_host, hosts, f"NHOSTS={hosts} x {per_host_text}"
+    if environ.get("PBS_NODEFILE"):
+        path = environ["PBS_NODEFILE"]
+        try:
+            with open(path) as f:
+                hosts = len({line.strip() for line in f if line.strip()})
+        except OSError as err:
+            raise ValueError(f"PBS_NODEFILE={path!r} cannot be read ({err}); unset it or give "
+                             "--world_size") from None
+        if hosts:
+            return hosts * per_host, hosts, f"PBS_NODEFILE ({hosts} hosts) x {per_host_text}"
+    return device_count, None, (f"the {device_count} device(s) of this machine (set NGPUS, NHOSTS "
+                                "or PBS_NODEFILE, or give --world_size, to plan another job)")
+
+
 def _complete_distributed(
     explicit: DistributedConfig | None, environ: Mapping[str, str]
 ) -> DistributedConfig | None:

@@ -80,31 +80,26 @@ def env_str(name: str, default: str, environ: Mapping[str, str] = os.environ) ->
 
 def warmup_frac_from_env(default: float,
                          environ: Mapping[str, str] = os.environ) -> tuple[float, str]:
-    """The warmup fraction from LR_WARMUP_FRAC / LR_WARMUP_FRACTION, and where it came from.
+    """The warmup fraction from LR_WARMUP_FRAC, as Megatron's launcher reads it, and a note.
 
-    Megatron's launcher reads only LR_WARMUP_FRAC (spec §1.2 and §0 item 2), while the CPT notes
-    document LR_WARMUP_FRACTION. agpt-jax honours both; when both are set LR_WARMUP_FRAC wins, as
-    it would in the launcher.
+    Megatron-DeepSpeed's launcher reads only LR_WARMUP_FRAC (spec §1.2 and §0 item 2); the CPT
+    notes' command sets LR_WARMUP_FRACTION=0.01, which the launcher ignores, so that run used the
+    default 0.05. agpt-jax does the same, so that the seed's command gives the seed's schedule, and
+    the note says so loudly (it is printed at start-up and kept in config.json).
 
     Returns:
-        (fraction, a sentence naming the variable that won, for the start-up log).
+        (fraction, a sentence naming the variable that decided, for the start-up log).
     """
     frac = _env(environ, "LR_WARMUP_FRAC")
     fraction = _env(environ, "LR_WARMUP_FRACTION")
-    if frac is not None and fraction is not None:
-        value = env_float("LR_WARMUP_FRAC", default, environ)
-        other = env_float("LR_WARMUP_FRACTION", default, environ)
-        note = (f"LR_WARMUP_FRAC={frac} and LR_WARMUP_FRACTION={fraction} are both set; "
-                f"LR_WARMUP_FRAC wins (the launcher reads only it)")
-        if value != other:
-            note += "; they differ, unset one"
-        return value, note
-    if frac is not None:
-        return env_float("LR_WARMUP_FRAC", default, environ), f"from LR_WARMUP_FRAC={frac}"
+    ignored = ""
     if fraction is not None:
-        return (env_float("LR_WARMUP_FRACTION", default, environ),
-                f"from LR_WARMUP_FRACTION={fraction} (Megatron's launcher would ignore it)")
-    return default, "the recipe's default (neither LR_WARMUP_FRAC nor LR_WARMUP_FRACTION is set)"
+        ignored = (f"; LR_WARMUP_FRACTION={fraction} is ignored, as Megatron-DeepSpeed's "
+                   f"launcher ignores it (it reads only LR_WARMUP_FRAC): for {fraction} set "
+                   f"LR_WARMUP_FRAC={fraction} or pass --lr-warmup-fraction {fraction}")
+    if frac is not None:
+        return env_float("LR_WARMUP_FRAC", default, environ), f"from LR_WARMUP_FRAC={frac}" + ignored
+    return default, "the recipe's default (LR_WARMUP_FRAC is not set)" + ignored
 
 
 def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_style: str,
@@ -152,6 +147,7 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
     c.run_dir = ""  # "" = save
     c.load_optimizer_state = True
     c.reset_iteration = recipe != "pretrain"
+    c.universal_checkpoint = False  # True: LOAD must be a universal checkpoint (--universal-checkpoint)
     c.allow_cooled_down_source = False
     c.save_interval = env_int("SAVE_INTERVAL", sizes["save_interval"], environ)
     c.keep_checkpoints = 3
@@ -166,6 +162,7 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
     else:
         c.train_tokens, c.train_iters = sizes["train_tokens"], sizes["train_iters"]
     c.micro_batch = env_int("MICRO_BATCH", sizes["micro_batch"], environ)
+    # 0 = derived from global_batch, as Megatron derives it from --global-batch-size.
     c.grad_acc_steps = env_int("GRAD_ACC_STEPS", sizes["grad_acc_steps"], environ)
     c.global_batch = env_int("GLOBAL_BATCH", 0, environ)
     c.stop_at_iteration = 0  # 0 = run to train_iters; otherwise save and stop after it

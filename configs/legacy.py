@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
+from collections.abc import Mapping
+
 import ml_collections
 
 # config_flags loads this file by path; make its sibling `common.py` importable from any folder.
@@ -32,10 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None,
+               environ: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """The legacy recipe at scale `arg` (agpt_7b | demo | smoke)."""
     scale = common.parse_arg(arg, "legacy")
     # AuroraGPT launcher defaults (spec §1.2): LR 2e-4, cosine, warmup fraction 0.05, min_lr 0.
     lr, min_lr = {"agpt_7b": (2e-4, 0.0), "demo": (1e-3, 1e-4), "smoke": (1e-3, 1e-4)}[scale]
     return common.base_config("legacy", scale, lr=lr, min_lr=min_lr, lr_decay_style="cosine",
-                              lr_warmup_frac=0.05)
+                              lr_warmup_frac=0.05,
+                              environ=os.environ if environ is None else environ)
