@@ -99,11 +99,14 @@ def test_env_defaults_and_flag_overrides(monkeypatch, paths):
 
 @pytest.mark.parametrize("frac,fraction,expected,says", [
     ("0.02", None, 0.02, "from LR_WARMUP_FRAC=0.02"),
-    (None, "0.01", 0.01, "from LR_WARMUP_FRACTION=0.01"),
-    ("0.02", "0.01", 0.02, "LR_WARMUP_FRAC wins"),
+    # Megatron's launcher reads only LR_WARMUP_FRAC (spec §0 item 2): the CPT notes' command with
+    # LR_WARMUP_FRACTION=0.01 ran with the default 0.05.
+    (None, "0.01", 0.05, "LR_WARMUP_FRACTION=0.01 is ignored, as Megatron-DeepSpeed's launcher"),
+    ("0.02", "0.01", 0.02, "for 0.01 set LR_WARMUP_FRAC=0.01 or pass --lr-warmup-fraction 0.01"),
     (None, None, 0.05, "recipe's default"),
 ])
-def test_both_warmup_variables_are_honoured(monkeypatch, paths, frac, fraction, expected, says):
+def test_warmup_fraction_is_read_as_megatrons_launcher_reads_it(monkeypatch, paths, frac,
+                                                                fraction, expected, says):
     for name, value in (("LR_WARMUP_FRAC", frac), ("LR_WARMUP_FRACTION", fraction)):
         if value is not None:
             monkeypatch.setenv(name, value)
@@ -185,10 +188,14 @@ def test_lr_schedule_rows_follow_megatron(paths):
     assert its[0] == 1 and its[-1] == 40 and lrs[0] == 0.0
     np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
 
+    # The seed's phase-2 command: Megatron's default cooldown length 0.05 and min_lr 0.0 (spec
+    # §2.3 and §1.2), at every scale.
+    for scale in ("smoke", "demo", "agpt_7b"):
+        cd = load_config("constant_cooldown", scale)
+        assert (cd.cooldown_frac, cd.min_lr, cd.lr_warmup_frac) == (0.05, 0.0, 0.0), scale
     cfg = resolve(load_config("constant_cooldown", "smoke"), paths, train_iters=40)
     its, lrs = loop.lr_schedule_rows(cfg)
-    want = [_cooldown_lr((k - 1) * g, cfg.schedule.max_lr, cfg.schedule.min_lr, 0.2, 40 * g)
-            for k in its]
+    want = [_cooldown_lr((k - 1) * g, cfg.schedule.max_lr, 0.0, 0.05, 40 * g) for k in its]
     np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
     assert lrs[0] == cfg.schedule.max_lr  # no warmup: the first update runs at the constant LR
 

@@ -264,7 +264,7 @@ def test_cli_config_error_is_one_line(data, tmp_path):
          f"--config.data_file_list={data['mix']}", f"--config.save={tmp_path}",
          "--config.global_batch=7"],
         cwd=ROOT, env=_child_env(8), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cpt.py:")]
     assert len(errors) == 2, proc.stderr  # missing LOAD and the batch arithmetic
     assert any("LOAD is empty" in ln for ln in errors)
@@ -273,7 +273,7 @@ def test_cli_config_error_is_one_line(data, tmp_path):
     proc = subprocess.run([sys.executable, CPT, "--config", "configs/legacy.py:smoke",
                            "--config.learning_rate=1"],
                           cwd=ROOT, env=_child_env(8), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "cpt.py: config error: unknown config key in --config.learning_rate")
 

@@ -182,6 +182,19 @@ def _cpt_cases(w) -> list[Case]:
         Case("cpt", "unknown config key", base + (good, "--config.learning_rate=1"),
              (r"unknown config key in --config\.learning_rate",)),
         Case("cpt", "missing --config", (), (r"--config is required",)),
+        Case("cpt", "a Megatron flag cpt.py does not take", base + (good, "--seq-length", "64"),
+             (r"Megatron's --seq-length is not taken", r"config\.seq_length \(env SEQ\)")),
+        Case("cpt", "a cooldown length without the cooldown switch",
+             legacy + (good, f"--config.load={w['not_a_ckpt']}",
+                       "--lr_constant_plus_cooldown_frac", "0.2"),
+             (r"--lr_constant_plus_cooldown_frac 0\.2 without --lr_constant_plus_cooldown",
+              r"add --lr_constant_plus_cooldown")),
+        Case("cpt", "--universal-checkpoint with a LOAD that is not one",
+             legacy + (good, f"--config.load={w['not_a_ckpt']}", "--universal-checkpoint"),
+             (r"--universal-checkpoint", r"not_a_checkpoint", r"is not a DeepSpeed universal "
+              r"checkpoint")),
+        Case("cpt", "--world_size without --dry_run", base + (good, "--world_size=24"),
+             (r"--world_size .* is for --dry_run only",)),
     ]
     return cases
 
@@ -238,9 +251,10 @@ def test_cpt_bad_input_catalogue(work):
     for case in cases:
         rc, err, _ = results[case.name]
         message = _check(case, rc, err)
+        assert rc == 2, (case.name, rc, err[-2000:])  # the exit code of bad input
         _record(case, message, rc)
     rc, err, _ = results["--debug"]
-    assert rc == 1 and "Traceback" in err  # --debug shows where it came from
+    assert rc == 2 and "Traceback" in err  # --debug shows where it came from
     assert not os.path.exists(work["marker"])  # the pickle's command never ran
     assert fh.tree_files(work["dir"]) == before
     assert not os.path.exists(os.path.join(work["dir"], "runs"))
