@@ -7,6 +7,10 @@ appended EOD is counted in the index sizes (spec/megatron-deepspeed.md §8).
 
     python scripts/preprocess_data.py --input docs.jsonl.zst --output-prefix out/papers \\
         --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model --append-eod --workers 8
+
+Exit codes: 0 written; 2 bad input (a missing, unreadable or malformed --input, tokenizer or flag;
+the message names the file and line); 1 writing the outputs failed (their partial files are
+removed).
 """
 
 from __future__ import annotations
@@ -25,23 +29,58 @@ from tqdm import tqdm
 from agpt_jax.data.indexed import DataError, IndexedDatasetBuilder, best_fitting_dtype
 from agpt_jax.data.tokenizer import TOKENIZER_TYPES, encode_json_line, init_encoder, load_tokenizer
 
-def open_text(path: str) -> io.TextIOBase:
-    """Opens a text file, decompressing `.gz` and `.zst` by suffix."""
+def open_binary(path: str) -> io.BufferedIOBase:
+    """Opens a file for reading bytes, decompressing `.gz` and `.zst` by suffix."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.endswith(".zst"):
         import zstandard
 
         raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def open_text(path: str) -> io.TextIOBase:
+    """Opens a text file, decompressing `.gz` and `.zst` by suffix."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged input raises: OSError (gzip.BadGzipFile), EOFError (a truncated
+    .gz), zstandard.ZstdError (a damaged .zst)."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
+    """The non-blank lines of `path` (decoded as UTF-8) with their 1-based numbers.
+
+    Raises:
+        DataError: the file cannot be read or decompressed, or a line is not UTF-8 (names the
+            file and the line).
+    """
+    lineno = 0
+    try:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"--input {path}: line {lineno} is not UTF-8 text (byte "
+                                    f"{e.start}: {e.reason}); convert the file to UTF-8") from None
+                if line.strip():
+                    yield lineno, line
+    except _read_errors() as e:
+        raise DataError(f"--input {path}: cannot be read after line {lineno} "
+                        f"({type(e).__name__}: {e}); is it a complete .jsonl, .jsonl.gz or "
+                        ".jsonl.zst file?") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +108,11 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model, args.eod_token)
     dtype = best_fitting_dtype(tokenizer.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--output-prefix {args.output_prefix!r}: its folder {out_dir} cannot be "
+                        f"created ({e.strerror or e}); choose another --output-prefix") from None
     paths = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
     builders = {k: IndexedDatasetBuilder(p + ".bin", dtype) for k, p in paths.items()}
     init = (args.tokenizer_type, args.tokenizer_model, args.eod_token, list(args.json_keys), args.append_eod)
@@ -96,9 +139,14 @@ def run(args: argparse.Namespace) -> dict:
                     builders[key].add_document(ids, [len(ids)] if ids else [])
                     tokens += len(ids)
                 docs += 1
+        for k, b in builders.items():
+            b.finalize(paths[k] + ".idx")
     except BaseException:
         for k, b in builders.items():
-            b._file.close()
+            try:
+                b._file.close()
+            except OSError:  # the buffered tail cannot be written either (disk full)
+                pass
             for ext in (".bin", ".idx"):
                 if os.path.exists(paths[k] + ext):
                     os.remove(paths[k] + ext)
@@ -106,8 +154,6 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if pool is not None:
             pool.terminate()
-    for k, b in builders.items():
-        b.finalize(paths[k] + ".idx")
     seconds = time.perf_counter() - start
     summary = {"documents": docs, "tokens": tokens, "skipped": skipped, "seconds": seconds,
                "tokens_per_s": tokens / max(seconds, 1e-9), "dtype": str(dtype), "outputs": list(paths.values())}
@@ -125,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: writing {args.output_prefix}_*_document.bin/.idx failed ({e}); the partial "
+              "files were removed. Check free disk space, then run the same command again",
+              file=sys.stderr)
+        return 1
     return 0
 
 

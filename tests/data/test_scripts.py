@@ -92,6 +92,47 @@ def test_hf_tokenizer_zstd_and_malformed_lines(tmp_path, hf_json, capsys):
         assert ds[i].tolist() == tok.encode(t).ids + [eod]
 
 
+@pytest.mark.parametrize("case", ["missing", "truncated_gz", "not_gzip", "damaged_zst",
+                                  "not_utf8", "prefix_under_a_file"])
+def test_preprocess_bad_input_exits_2_naming_the_file(tmp_path, sp_model, capsys, case):
+    """Every input the user must fix exits 2 with one line naming it; no output file is left."""
+    body = "".join(json.dumps({"text": t}) + "\n" for t in _texts(200, seed=5)).encode()
+    inp, prefix = tmp_path / "in.jsonl", tmp_path / "out" / "p"
+    if case == "truncated_gz":
+        inp = tmp_path / "in.jsonl.gz"
+        inp.write_bytes(gzip.compress(body)[:200])
+        needle = f"--input {inp}: cannot be read after line"
+    elif case == "not_gzip":
+        inp = tmp_path / "in.jsonl.gz"
+        inp.write_bytes(body)
+        needle = f"--input {inp}: cannot be read after line 0 (BadGzipFile"
+    elif case == "damaged_zst":
+        inp = tmp_path / "in.jsonl.zst"
+        inp.write_bytes(b"garbage" * 20)
+        needle = f"--input {inp}: cannot be read after line 0 (ZstdError"
+    elif case == "not_utf8":
+        inp.write_bytes(body.split(b"\n")[0] + b"\n" + b'{"text": "\xff\xfe"}\n')
+        needle = f"--input {inp}: line 2 is not UTF-8 text"
+    elif case == "prefix_under_a_file":
+        inp.write_bytes(body)
+        (tmp_path / "a_file").write_text("x")
+        prefix = tmp_path / "a_file" / "p"
+        needle = f"--output-prefix '{prefix}': its folder {tmp_path / 'a_file'} cannot be created"
+    else:
+        inp = tmp_path / "nothing.jsonl"
+        needle = f"--input '{inp}' does not exist"
+    before = sorted(os.listdir(tmp_path))
+    pre = load_script("preprocess_data")
+    capsys.readouterr()
+    assert pre.main(["--input", str(inp), "--output-prefix", str(prefix), "--tokenizer-type",
+                     "Llama2Tokenizer", "--tokenizer-model", sp_model]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    left = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files
+            if f.endswith((".bin", ".idx"))]
+    assert left == [] and set(os.listdir(tmp_path)) - set(before) <= {"out"}, left
+
+
 def test_mix_datasets_output_and_rounding_warning(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("3 /d/p1 papers\n1 /d/p2 papers\n")
     (tmp_path / "b.txt").write_text("1 /d/big dolma\n0.0000001 /d/tiny dolma\n")
