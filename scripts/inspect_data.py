@@ -1,16 +1,30 @@
 """Print how a DATA_FILE_LIST blends, and optionally dump or decode the first training batches.
 
-    python scripts/inspect_data.py --data-file-list mix.txt --seq-length 4096 --global-batch-size 3072 \\
-        --train-iters 874 --split 990,10,0 --shuffle-sample-in-corpus --dump 2 --out batches.npz
+    python scripts/inspect_data.py --data-file-list mix.txt --seq-length 4096 --global-batch-size 6144 \\
+        --train-iters 874 --dump 2 --out batches.npz
 
-Flags and defaults are Megatron's. The blend is built exactly as training builds it (same cache).
+The defaults are those of the training recipes (configs/common.py `base_config`, which follows
+AuroraGPT's launcher, at the 7B scale), not Megatron's arguments.py defaults (split "969, 30, 1",
+eval interval 1000, eval iters 100): split 990,10,0, eval interval 100, eval iters 20, seed 1234,
+and no --shuffle-sample-in-corpus / --blend-sample-in-corpus, as agpt_jax/loop.py builds the
+training blend. So the data list, sequence length, global batch size and train iterations alone
+show the blend a recipe trains on; a run with SPLIT, EVAL_INTERVAL, EVAL_ITERS or SEED set, or
+another scale, needs the same values as flags. The blend is built as training builds it; training
+caches its index arrays in <run_dir>/data_cache (pass that as --data-cache-path to reuse them; the
+arrays are the same without a cache). The cooldown recipe continues its source's data stream: its
+blend is built for the source's iterations plus its own, so pass their sum as --train-iters.
+
 `--dump K --out F` writes `tokens` int64[K*B, S+1] (row r of iteration t at t*B+r) and `corpus`
 int64[K*B] (index into the corpora in sorted-name order, also saved as `corpora`).
+
+Exit codes: 0 done; 2 bad input (a missing or malformed list, .bin/.idx, tokenizer or flag; the
+message names the file); 1 writing --out failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -21,18 +35,31 @@ from agpt_jax.data.indexed import DataError
 from agpt_jax.data.pipeline import read_global_batch
 
 
+# The blend flags of the training recipes (configs/common.py base_config at the 7B scale, and
+# agpt_jax/loop.py, which passes neither sample-in-corpus option); tests/data/test_scripts.py
+# checks them against both.
+RECIPE_DEFAULTS = {"split": "990,10,0", "eval_interval": 100, "eval_iters": 20, "seed": 1234,
+                   "shuffle_sample_in_corpus": False, "blend_sample_in_corpus": False}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-file-list", required=True)
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--global-batch-size", type=int, required=True)
     p.add_argument("--train-iters", type=int, required=True)
-    p.add_argument("--eval-interval", type=int, default=1000)
-    p.add_argument("--eval-iters", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--split", default="969, 30, 1")
-    p.add_argument("--shuffle-sample-in-corpus", action="store_true")
-    p.add_argument("--blend-sample-in-corpus", action="store_true")
+    p.add_argument("--eval-interval", type=int, default=RECIPE_DEFAULTS["eval_interval"],
+                   help="default %(default)s: the 7B recipe's EVAL_INTERVAL")
+    p.add_argument("--eval-iters", type=int, default=RECIPE_DEFAULTS["eval_iters"],
+                   help="default %(default)s: the 7B recipe's EVAL_ITERS")
+    p.add_argument("--seed", type=int, default=RECIPE_DEFAULTS["seed"], help="default %(default)s: the recipes' SEED")
+    p.add_argument("--split", default=RECIPE_DEFAULTS["split"], help="default %(default)s: the recipes' SPLIT")
+    p.add_argument("--shuffle-sample-in-corpus", action=argparse.BooleanOptionalAction,
+                   default=RECIPE_DEFAULTS["shuffle_sample_in_corpus"],
+                   help="default off, as training builds its blend")
+    p.add_argument("--blend-sample-in-corpus", action=argparse.BooleanOptionalAction,
+                   default=RECIPE_DEFAULTS["blend_sample_in_corpus"],
+                   help="default off, as training builds its blend")
     p.add_argument("--data-cache-path", default=None, help="index cache folder (default: no cache)")
     p.add_argument("--dump", type=int, default=0, metavar="K", help="first K global training batches")
     p.add_argument("--out", default=None, help="npz file for --dump")
@@ -63,6 +90,25 @@ def describe(splits: dict, entries, cfg: BlendConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Print the blend; dump and decode the first batches as the flags say.
+
+    Raises:
+        DataError: bad input (the message names the file or flag).
+        OSError: writing --out failed.
+    """
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise DataError(f"--out {args.out}: the folder {folder} does not exist; create it or "
+                            "choose another --out")
+        if not args.dump:
+            raise DataError(f"--out {args.out} needs --dump K (the batches to write)")
+    tok = None
+    if args.decode:
+        from agpt_jax.data.tokenizer import load_tokenizer
+
+        kind = args.tokenizer_type or ("HFTokenizer" if args.decode.endswith(".json") else "Llama2Tokenizer")
+        tok = load_tokenizer(kind, args.decode)
     entries = read_file_list(args.data_file_list)
     cfg = BlendConfig(seq_length=args.seq_length, global_batch_size=args.global_batch_size,
                       train_iters=args.train_iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
@@ -84,11 +130,7 @@ def run(args: argparse.Namespace) -> None:
     if args.out:
         np.savez(args.out, tokens=tokens, corpus=corpus, corpora=np.array(train.corpora))
         print(f"\nwrote {args.out}: tokens {tokens.shape} int64, corpus {corpus.shape}")
-    if args.decode:
-        from agpt_jax.data.tokenizer import load_tokenizer
-
-        kind = args.tokenizer_type or ("HFTokenizer" if args.decode.endswith(".json") else "Llama2Tokenizer")
-        tok = load_tokenizer(kind, args.decode)
+    if tok is not None:
         for row in range(tokens.shape[0]):
             t, r = divmod(row, cfg.global_batch_size)
             print(f"\n--- iteration {t} row {r} [{train.corpora[corpus[row]]}] ---")
@@ -102,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: writing --out {args.out} failed ({e})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,10 @@ Every list's weights are normalised within the list and scaled by its share of t
 lines are printed as `weight prefix corpus` in input order with 6 decimals, as blendcorpus prints
 them. Beyond blendcorpus: a warning (on stderr) for weights that print as 0 at that precision, and
 `--precision N` to print more digits.
+
+Exit codes: 0 printed; 2 bad input (an odd number of --inputs, a global weight that is not a
+positive number, a missing or malformed list; the message names the list and line). Nothing fails
+after the inputs are read, so it never exits 1.
 """
 
 from __future__ import annotations

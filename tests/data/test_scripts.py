@@ -1,5 +1,6 @@
 """preprocess_data.py, mix_datasets.py and inspect_data.py, driven through their main(argv)."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -181,3 +182,78 @@ def test_inspect_data_dump_matches_blend(tmp_path, sp_model, capsys):
     (tmp_path / "bad.txt").write_text("0.7 nowhere web\n")
     assert ins.main(["--data-file-list", str(tmp_path / "bad.txt")] + flags[2:]) == 2
     assert "line 1: missing" in capsys.readouterr().err
+
+
+def _training_blend_keywords() -> dict:
+    """The sample-in-corpus options agpt_jax/loop.py passes when it builds the training blend
+    (BlendConfig's defaults where it passes none)."""
+    import ast
+    import inspect
+
+    from agpt_jax import loop
+
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(loop)))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "BlendConfig"]
+    assert len(calls) == 1, "loop.py builds the training blend in one place"
+    given = {k.arg: k.value for k in calls[0].keywords}
+    defaults = {f.name: f.default for f in dataclasses.fields(BlendConfig)}
+    out = {}
+    for name in ("shuffle_sample_in_corpus", "blend_sample_in_corpus"):
+        if name not in given:
+            out[name] = defaults[name]
+        else:
+            assert isinstance(given[name], ast.Constant), (
+                f"loop.py passes {name}={ast.unparse(given[name])}: inspect_data's default must "
+                "follow that setting")
+            out[name] = given[name].value
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "legacy", "cooldown", "constant_cooldown"])
+def test_inspect_data_defaults_are_the_training_blend(tmp_path, monkeypatch, capsys, recipe):
+    """With only the list, seq, GBS and iterations, inspect_data builds the BlendConfig a 7B
+    recipe trains on: the config's split, eval interval/iters and seed, loop.py's shuffle/blend."""
+    import importlib
+
+    for var in ("SPLIT", "EVAL_ITERS", "EVAL_INTERVAL", "SEED"):
+        monkeypatch.delenv(var, raising=False)
+    c = importlib.import_module(f"configs.{recipe}").get_config("agpt_7b")
+    expected = BlendConfig(seq_length=64, global_batch_size=8, train_iters=30,
+                           eval_interval=c.eval_interval, eval_iters=c.eval_iters, seed=c.seed,
+                           split=c.split, **_training_blend_keywords())
+    ins = load_script("inspect_data")
+    built = []
+
+    def capture(entries, cfg):
+        built.append(cfg)
+        return {}
+
+    monkeypatch.setattr(ins, "read_file_list", lambda path: [])
+    monkeypatch.setattr(ins, "build_blended_splits", capture)
+    monkeypatch.setattr(ins, "describe", lambda splits, entries, cfg: "")
+    assert ins.main(["--data-file-list", str(tmp_path / "list.txt"), "--seq-length", "64",
+                     "--global-batch-size", "8", "--train-iters", "30"]) == 0
+    assert built == [expected]
+    # The flags still override every default.
+    built.clear()
+    assert ins.main(["--data-file-list", "x", "--seq-length", "64", "--global-batch-size", "8",
+                     "--train-iters", "30", "--split", "969, 30, 1", "--eval-interval", "1000",
+                     "--eval-iters", "100", "--seed", "7", "--shuffle-sample-in-corpus",
+                     "--blend-sample-in-corpus"]) == 0
+    assert built == [dataclasses.replace(expected, split="969, 30, 1", eval_interval=1000,
+                                         eval_iters=100, seed=7, shuffle_sample_in_corpus=True,
+                                         blend_sample_in_corpus=True)]
+
+
+def test_inspect_data_bad_input_exits_2_naming_it(tmp_path, capsys):
+    ins = load_script("inspect_data")
+    flags = ["--seq-length", "32", "--global-batch-size", "4", "--train-iters", "10"]
+    missing = tmp_path / "no_list.txt"
+    assert ins.main(["--data-file-list", str(missing)] + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0], err
+    out = tmp_path / "no_folder" / "b.npz"
+    assert ins.main(["--data-file-list", str(missing), "--dump", "1", "--out", str(out)]
+                    + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: the folder {out.parent} does not exist" in err[0], err
