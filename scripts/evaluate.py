@@ -22,6 +22,11 @@ What is evaluated (`--split`):
 rows to `--save-logits`, for parity checks against another implementation, and reports the
 next-token loss within the rows. `--dtype` sets the compute dtype (default: the checkpoint's).
 Runs in one process over every local device (`--mesh`, default fsdp over all).
+
+Exit codes: 0 evaluated; 2 bad input (a flag, --mesh, --platform, a missing or malformed
+checkpoint, data list, .bin/.idx or --tokens file, an output path that cannot be a file; one line
+naming it); 1 a failure while running (jax cannot start the platform, writing --save-logits or
+--json failed; an unexpected error shows its traceback).
 """
 
 from __future__ import annotations
@@ -134,7 +139,10 @@ class LoadedModel:
                 raise EvaluateError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
             config = config.replace(compute_dtype=dtype)
         self.config = config
-        mesh = runtime.make_mesh(runtime.parse_mesh(mesh_spec))
+        try:
+            mesh = runtime.make_mesh(runtime.parse_mesh(mesh_spec))
+        except ValueError as e:
+            raise EvaluateError(f"--mesh: {e}") from None
         self.data_parallel = int(mesh.shape["data"] * mesh.shape["fsdp"])
         # Only the eval function is used: jit compiles lazily, so the train step never compiles.
         self.trainer = train_lib.build_trainer(
@@ -385,6 +393,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class RunFailedError(RuntimeError):
+    """A failure while evaluating (not the input's fault): the platform, a failed write."""
+
+
+def _output_problem(path: str) -> str | None:
+    """Why `path` cannot be written as a file (a folder, or under a file), or None."""
+    if os.path.isdir(path):
+        return "is a folder; pass the file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    return None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.data_file_list is None and args.tokens is None:
         raise EvaluateError("pass --data-file-list (loss per corpus) or --tokens (logits)")
@@ -400,6 +424,10 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvaluateError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    for flag, path in (("--save-logits", args.save_logits), ("--json", args.json)):
+        problem = path and _output_problem(path)
+        if problem:
+            raise EvaluateError(f"{flag} {path}: {problem}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -407,7 +435,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from agpt_jax import runtime
 
     _check_args(args)
-    runtime.initialize(args.platform)
+    try:
+        runtime.initialize(args.platform)
+    except ValueError as e:
+        raise EvaluateError(f"--platform {args.platform}: {e}".replace("\n", " ")) from None
+    except RuntimeError as e:
+        raise RunFailedError(str(e).replace("\n", " ")) from None
     start = time.perf_counter()
     loaded = LoadedModel(args.checkpoint, args.dtype, args.mesh)
     cfg = loaded.config
@@ -420,8 +453,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tokens = read_token_rows(args.tokens, cfg.padded_vocab_size)
         logits = loaded.logits(tokens, batch)
         out = os.path.abspath(args.save_logits)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        np.save(out, logits)
+        try:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            np.save(out, logits)
+        except OSError as e:
+            raise RunFailedError(f"writing --save-logits {out} failed ({e})") from None
         report["logits"] = {"tokens": os.path.abspath(args.tokens), "file": out,
                             "shape": list(logits.shape)}
         print(f"logits {tuple(logits.shape)} float32 of {args.tokens} -> {out}")
@@ -448,8 +484,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["data_file_list"] = os.path.abspath(args.data_file_list)
         report["results"] = {r.name: dataclasses.asdict(r) for r in results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as e:
+            raise RunFailedError(f"writing --json {args.json} failed ({e})") from None
         print(f"wrote {os.path.abspath(args.json)}")
     return report
 
@@ -461,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvaluateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

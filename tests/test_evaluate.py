@@ -189,10 +189,12 @@ def test_split_all_reads_one_epoch_of_every_file(work, run_dir, file_list):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "tokens_without_out", "bad_ids", "no_valid",
-                                  "nothing_to_do", "bad_list"])
+                                  "nothing_to_do", "bad_list", "bad_mesh", "logits_into_a_folder",
+                                  "json_under_a_file"])
 def test_bad_input_is_one_clear_line(work, run_dir, file_list, capsys, case):
     bad_ids = str(work / "bad_ids.npy")
     np.save(bad_ids, np.array([[1, 2, 500]]))
+    os.makedirs(work / "dir.npy", exist_ok=True)
     argv, needle = {
         "no_checkpoint": (["--checkpoint", str(work / "nope"), "--data-file-list", file_list],
                           "nope: no such checkpoint directory"),
@@ -205,6 +207,15 @@ def test_bad_input_is_one_clear_line(work, run_dir, file_list, capsys, case):
         "nothing_to_do": (["--checkpoint", run_dir], "pass --data-file-list"),
         "bad_list": (["--checkpoint", run_dir, "--data-file-list", str(work / "missing.txt")],
                      "missing.txt' does not exist"),
+        "bad_mesh": (["--checkpoint", run_dir, "--data-file-list", file_list, "--mesh",
+                      "bogus=2"], "--mesh: mesh spec 'bogus=2': unknown axis 'bogus'"),
+        "logits_into_a_folder": (["--checkpoint", run_dir, "--tokens", bad_ids, "--save-logits",
+                                  str(work / "dir.npy")], f"--save-logits {work / 'dir.npy'}: is a "
+                                                          "folder"),
+        "json_under_a_file": (["--checkpoint", run_dir, "--data-file-list", file_list, "--json",
+                               str(work / "bad_ids.npy" / "r.json")],
+                              f"--json {work / 'bad_ids.npy' / 'r.json'}: {work / 'bad_ids.npy'} "
+                              "is a file"),
     }[case]
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
