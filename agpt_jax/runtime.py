@@ -1022,27 +1022,68 @@ def format_report(report: Mapping[str, object]) -> str:
     return "\n".join(prefix + line for line in lines)
 
 
+# Exit codes of the command lines: 1 a failure while running (a failed check), 2 bad input.
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def parse_flags_exit_usage(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing for ``app.run(..., flags_parser=parse_flags_exit_usage)``.
+
+    A bad flag (unknown, or an illegal value) prints one line and exits EXIT_USAGE (2), as
+    argparse does; absl's own parser exits 1, which the command lines keep for failures.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as err:
+        print(f"error: {' '.join(str(err).split())}; see --helpfull for the flags",
+              file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def _main(argv: Sequence[str]) -> int:
-    """``python -m agpt_jax.runtime --check [--json]``: prints the report, returns 0 or 1."""
-    from absl import app, flags
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    """``python -m agpt_jax.runtime --check [--json]``: prints the report.
+
+    Returns:
+        0 every check passed; 1 a check failed, or the platform did not start (--platform=xpu
+        without an installed plugin is a failed check of this machine); 2 bad input (arguments,
+        flag values, the launcher's environment), one line naming it.
+    """
+    from absl import flags
+
     flag = flags.FLAGS
+
+    def usage(message: str) -> int:
+        print(json.dumps({"ok": False, "error": message}) if flag.json else f"error: {message}",
+              file=sys.stdout if flag.json else sys.stderr)
+        return EXIT_USAGE
+
+    if len(argv) > 1:
+        return usage(f"unexpected arguments: {' '.join(argv[1:])}; pass flags only")
     if not flag.check:
-        raise app.UsageError("nothing to do: pass --check (and --json for a machine-readable report)")
+        return usage("nothing to do: pass --check (and --json for a machine-readable report)")
+    if flag.cpu_devices is not None and flag.cpu_devices < 1:
+        return usage(f"--cpu_devices={flag.cpu_devices} must be at least 1")
     distributed = None
     if flag.coordinator_address or flag.num_processes or flag.process_id is not None:
-        distributed = DistributedConfig(flag.coordinator_address, flag.num_processes,
-                                        flag.process_id)
+        try:
+            distributed = DistributedConfig(flag.coordinator_address, flag.num_processes,
+                                            flag.process_id)
+        except ValueError as err:
+            return usage(f"--coordinator_address/--num_processes/--process_id: {err}")
     try:
         rt = initialize(flag.platform, distributed, num_cpu_devices=flag.cpu_devices)
     except (ValueError, RuntimeError) as err:
+        unavailable = flag.platform == "xpu" and not xpu.installed()
+        if isinstance(err, ValueError) and not unavailable:
+            return usage(" ".join(str(err).split()))
         print(json.dumps({"ok": False, "error": str(err)}) if flag.json
               else f"runtime initialisation FAILED: {err}")
-        return 1
+        return EXIT_FAILED
     report = check_report(rt)
     print(json.dumps(report) if flag.json else format_report(report), flush=True)
-    return 0 if report["ok"] else 1
+    return 0 if report["ok"] else EXIT_FAILED
 
 
 if __name__ == "__main__":
@@ -1055,4 +1096,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
     flags.DEFINE_integer("process_id", None, "This process's rank (multi-process).")
     flags.DEFINE_integer("cpu_devices", None, "Number of simulated CPU devices.")
-    app.run(lambda argv: sys.exit(_main(argv)))
+    app.run(lambda argv: sys.exit(_main(argv)), flags_parser=parse_flags_exit_usage)

@@ -388,6 +388,36 @@ def test_check_command_text_and_json():
     assert [c["name"] for c in report["checks"]] == ["devices", "all-reduce", "fused attention"]
 
 
+def test_check_command_bad_input_exits_2_with_one_line():
+    """A bad flag, argument or launcher variable is a usage error (2), not a failed check (1)."""
+    cases = {
+        "unknown flag": (["--check", "--bogus"], {}, "Unknown command line flag 'bogus'"),
+        "flag value": (["--check", "--cpu_devices=many"], {}, "flag --cpu_devices=many"),
+        "device count": (["--check", "--cpu_devices=0"], {}, "--cpu_devices=0 must be at least 1"),
+        "rank": (["--check", "--process_id=-1"], {}, "process_id=-1 must be non-negative"),
+        "argument": (["--check", "extra"], {}, "unexpected arguments: extra"),
+        "no --check": ([], {}, "nothing to do: pass --check"),
+        "launcher variable": (["--check"], {"PMI_RANK": "x", "PMI_SIZE": "2"},
+                              "PMI_RANK='x' is not an integer"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "agpt_jax.runtime", *args],
+                                    env=_child_env(1, **extra), cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, (args, extra, _) in cases.items()}
+    try:
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=120)
+            lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+            assert proc.returncode == 2, (name, proc.returncode, err[-3000:])
+            assert "Traceback" not in err and len(lines) == 1, (name, err[-3000:])
+            assert cases[name][2] in lines[0], (name, lines)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_check_command_fails_clearly_without_plugin():
     """No plugin here (CI installs none): --platform=xpu names both plugins and their installs."""
     assert xpu.installed() == []  # a machine with a plugin must not run this suite's CPU checks
