@@ -1,18 +1,28 @@
 """Plan a run without hardware: compile the full train step from shapes and report memory and FLOPs.
 
-    python -m agpt_jax.plan --model agpt_7b --mesh data=3,fsdp=4 --seq 4096 --micro-batch 1
+    python -m agpt_jax.plan --model agpt_7b --mesh data=3,fsdp=4 --seq 4096 --micro_batch 1
 
 The step is lowered and compiled for `prod(mesh)` simulated CPU devices from abstract shapes (no
 weight is allocated), with the same shardings a real run uses. XLA's memory analysis of the compiled
 executable gives the per-device bytes of arguments (params, optimizer state, batch), temporaries
 (activations, gradients, workspace) and outputs. On another platform the figures differ by the
 backend's own fusion and layout choices, but the state part is exact and the activations close.
+
+A -1 size in `--mesh` (the default `fsdp=-1`) fills `--devices`; without `--devices` it resolves
+on the fewest devices the other sizes allow (1 for the default), and the table says so. The
+other flags: `--grad_accum`, `--remat`, `--attention`, `--compute_dtype`, `--strategy`,
+`--device_memory_gb` (the budget checked against, default 64) and `--json`.
+
+Exit codes: 0 the step fits --device_memory_gb; 1 it does not fit (the check asked for failed; the
+table is still printed), or compiling the step failed; 2 bad input (a flag, --mesh, --model, a
+--devices the mesh cannot cover), one line naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -61,14 +71,27 @@ class Plan:
     compile_s: float
     device_memory_bytes: int
     fits: bool
+    mesh_note: str = ""  # how a -1 mesh size was resolved without --devices
 
 
-def _mesh_from_flags(devices: int | None) -> runtime.MeshConfig:
+def _mesh_from_flags(devices: int | None) -> tuple[runtime.MeshConfig, int, str]:
+    """The mesh of --mesh, the simulated device count, and a note on how a -1 size was resolved.
+
+    Without --devices the count is the product of the sizes, a -1 size counting 1: the fewest
+    devices the mesh allows.
+    """
     cfg = runtime.parse_mesh(_MESH.value)
-    if devices is None:
-        if -1 in cfg.sizes:
-            raise ValueError(f"--mesh={_MESH.value} has a -1 size; give every size or --devices")
-    return cfg
+    if devices is not None:
+        if devices < 1:
+            raise ValueError(f"--devices={devices} must be at least 1")
+        return cfg, devices, ""
+    fewest = math.prod(size for size in cfg.sizes if size != -1)
+    note = ""
+    if -1 in cfg.sizes:
+        axis = runtime.MESH_AXES[cfg.sizes.index(-1)]
+        note = (f"{axis}=-1 resolved on {fewest} device{'s' if fewest > 1 else ''}: give "
+                "--devices or a full --mesh for more")
+    return cfg, fewest, note
 
 
 def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
@@ -124,7 +147,8 @@ def format_plan(p: Plan) -> str:
     rows = [
         f"model              {p.model} ({p.params / 1e9:.2f}B params, seq {p.seq_length}, "
         f"{p.compute_dtype}, remat {p.remat}, attention {p.attention})",
-        f"mesh               {mesh} ({p.devices} devices, strategy {p.strategy})",
+        f"mesh               {mesh} ({p.devices} device{'s' if p.devices > 1 else ''}, "
+        f"strategy {p.strategy}{'; ' + p.mesh_note if p.mesh_note else ''})",
         f"global batch       {p.global_batch_size} sequences ({p.grad_accum_steps} micro-steps)",
         f"arguments          {gb(p.argument_bytes)} per device (params, optimizer state, batch)",
         f"temporaries        {gb(p.temp_bytes)} per device (activations, gradients, workspace)",
@@ -141,25 +165,35 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    del argv
+    """Print the plan; returns the exit code (the module docstring's)."""
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}; pass flags only",
+              file=sys.stderr)
+        return runtime.EXIT_USAGE
     try:
-        mesh_cfg = _mesh_from_flags(_DEVICES.value)
-        devices = _DEVICES.value or mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
+        mesh_cfg, devices, note = _mesh_from_flags(_DEVICES.value)
         runtime.initialize("cpu", num_cpu_devices=devices)
         plan = make_plan(_MODEL.value, mesh_cfg, seq=_SEQ.value, micro_batch=_MICRO.value,
                          grad_accum=_ACCUM.value, remat=_REMAT.value, attention=_ATTENTION.value,
                          compute_dtype=_DTYPE.value, strategy=_STRATEGY.value,
                          device_memory_gb=_BUDGET.value)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return runtime.EXIT_USAGE
+    except RuntimeError as e:  # XLA could not compile the step (e.g. out of host memory)
+        text = str(e).strip().splitlines()
+        print(f"error: compiling the step failed: {text[0] if text else type(e).__name__}",
+              file=sys.stderr)
+        return runtime.EXIT_FAILED
+    plan = dataclasses.replace(plan, mesh_note=note)
     if _JSON.value:
         print(json.dumps(dataclasses.asdict(plan)))
     else:
         print(format_plan(plan))
-    return 0 if plan.fits else 1
+    # Not fitting the budget is the check the user asked for failing: 1, after the full table.
+    return 0 if plan.fits else runtime.EXIT_FAILED
 
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=runtime.parse_flags_exit_usage)

@@ -1,4 +1,4 @@
-"""`python -m agpt_jax.plan` compiles a ~1B train step from shapes on simulated devices."""
+"""`python -m agpt_jax.plan` compiles a train step from shapes on simulated devices; its exit codes."""
 
 from __future__ import annotations
 
@@ -42,9 +42,39 @@ def test_plan_of_a_1b_model_reports_memory_and_flops():
     assert plan["fits"] is True
 
 
-def test_plan_rejects_an_unresolvable_mesh():
+def _plan(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-m", "agpt_jax.plan", "--model", "tiny", "--mesh",
-                          "fsdp=-1"], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 2
-    assert "-1" in out.stderr and "Traceback" not in out.stderr
+    return subprocess.Popen([sys.executable, "-m", "agpt_jax.plan", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_default_mesh_plans_one_device_and_bad_input_exits_2():
+    """The default --mesh fsdp=-1 needs no --devices (1 device, said in the table); every bad
+    input is exit 2 with one line naming it, where absl alone would exit 1."""
+    bad = {
+        "mesh and devices": (("--mesh", "data=3,fsdp=4", "--devices", "5"),
+                             "mesh data=3,fsdp=4,tensor=1 covers 3 x 4 x 1 = 12 devices, but 5"),
+        "unknown flag": (("--micro-batch", "1"), "Unknown command line flag 'micro-batch'"),
+        "flag value": (("--devices", "many"), "flag --devices=many"),
+        "model": (("--model", "nope"), "unknown model preset 'nope'"),
+        "argument": (("--model", "tiny", "extra"), "unexpected arguments: extra"),
+    }
+    procs = {name: _plan(*args) for name, (args, _) in bad.items()}
+    default = _plan("--model", "tiny")
+    try:
+        out, err = default.communicate(timeout=300)
+        assert default.returncode in (0, 1), err[-3000:]  # fits or not: the plan was made
+        mesh = [ln for ln in out.splitlines() if ln.startswith("mesh ")]
+        assert len(mesh) == 1 and "data=1,fsdp=1,tensor=1 (1 device," in mesh[0], out
+        assert "fsdp=-1 resolved on 1 device: give --devices or a full --mesh" in mesh[0], out
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=120)
+            lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+            assert proc.returncode == 2, (name, proc.returncode, err[-3000:])
+            assert "Traceback" not in err and len(lines) == 1, (name, err[-3000:])
+            assert bad[name][1] in lines[0], (name, lines)
+    finally:
+        for proc in [default, *procs.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
