@@ -104,7 +104,7 @@ def render(records: Sequence[dict]) -> str:
                        f"{'yes' if t.get('write_interrupted') else 'no'} | "
                        f"{t.get('lost_iterations', '-')} |")
     out.append(f"\n## Bad input ({len(bad)} cases)\n")
-    out.append("Each case: non-zero exit, one error line naming the input and the fix, no Python "
+    out.append("Each case: exit code 2, one error line naming the input and the fix, no Python "
                "traceback unless `--debug`, and no file created, changed or removed (sizes and "
                "SHA-256 of the whole input folder compared before and after).\n")
     out.append("| Entry point | Input | Observed | Message shown |")

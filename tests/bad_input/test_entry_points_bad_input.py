@@ -1,9 +1,10 @@
 """A catalogue of malformed inputs for every user-facing entry point: cpt.py (configs and
-environment variables), the three converters, preprocess_data.py, mix_datasets.py, evaluate.py.
+environment variables), the three converters, preprocess_data.py, mix_datasets.py, evaluate.py,
+inspect_data.py, plot_runs.py, reliability_table.py.
 
-Each case must give: a non-zero exit, one error line naming the input (file, field or variable)
-and the fix, no Python traceback (unless --debug, checked for one case per entry point), and no
-file created, changed or removed anywhere under the work folder.
+Each case must give: exit code 2 (bad input), one error line naming the input (file, field or
+variable) and the fix, no Python traceback (unless --debug, checked for one case per entry point),
+and no file created, changed or removed anywhere under the work folder.
 """
 
 from __future__ import annotations
@@ -303,6 +304,18 @@ def _inprocess_cases(w) -> list[Case]:
               f"{d}/logits.npy"), (r"tokens_3d\.npy|not_a_checkpoint",)),
         Case("evaluate", "no data and no tokens", ("--checkpoint", w["not_a_ckpt"]),
              (r"--data-file-list",)),
+        Case("inspect_data", "DATA_FILE_LIST that does not exist",
+             ("--data-file-list", f"{d}/no_list.txt", "--seq-length", "32",
+              "--global-batch-size", "4", "--train-iters", "10"), (r"no_list\.txt",
+                                                                   r"does not exist")),
+        Case("inspect_data", "truncated .idx",
+             ("--data-file-list", L["truncated_idx"], "--seq-length", "32",
+              "--global-batch-size", "4", "--train-iters", "10"), (r"trunc_idx\.idx",)),
+        Case("plot_runs", "run folder that does not exist",
+             (f"{d}/no_such_run", "--out", f"{out}.png"), (r"no_such_run: no such run folder",)),
+        Case("reliability_table", "results folder without records",
+             ("--results", w["not_a_ckpt"], "--out", f"{out}.md"),
+             (r"not_a_checkpoint: no result records", r"RELIABILITY_RESULTS")),
     ]
 
 
@@ -325,6 +338,7 @@ def test_other_entry_points_bad_input_catalogue(work, capsys):
             rc = e.code
         captured = capsys.readouterr()
         message = _check(case, rc, captured.err)
+        assert rc == 2, (case.name, rc, captured.err[-2000:])  # the exit code of bad input
         _record(case, message, rc)
         assert fh.tree_files(work["dir"]) == before, case.name
         assert not os.path.exists(os.path.join(work["dir"], "out")), case.name
