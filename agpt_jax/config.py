@@ -45,7 +45,8 @@ ENV_OF_KEY: dict[str, tuple[str, ...]] = {
 }
 KEYS = (
     "recipe", "scale", "model", "seq_length", "compute_dtype", "attention", "remat",
-    "data_file_list", "split", "seed", "data_cache_dir", "load", "save", "run_dir",
+    "data_file_list", "split", "seed", "data_cache_dir", "shuffle_sample_in_corpus",
+    "blend_sample_in_corpus", "load", "save", "run_dir",
     "load_optimizer_state", "reset_iteration", "universal_checkpoint", "allow_cooled_down_source",
     "save_interval",
     "keep_checkpoints", "train_tokens", "train_iters", "micro_batch", "grad_acc_steps",
@@ -74,12 +75,18 @@ class DataConfig:
         split: Megatron's --split ("990,10,0": train, valid, test parts).
         seed: Megatron's --seed (sample shuffles and the random init).
         cache_dir: where the sample and blend index arrays are cached.
+        shuffle_sample_in_corpus: Megatron's --shuffle-sample-in-corpus, which AuroraGPT's
+            launcher always passes: each corpus's samples are shuffled once more (spec §5.5).
+        blend_sample_in_corpus: Megatron's --blend-sample-in-corpus (the 2024 launcher passed it;
+            the current one does not): a corpus's files are blended by weight, not concatenated.
     """
 
     file_list: str
     split: str
     seed: int
     cache_dir: str
+    shuffle_sample_in_corpus: bool = True
+    blend_sample_in_corpus: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,7 +408,9 @@ def from_config(config: Mapping[str, Any], device_count: int,
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     data = DataConfig(file_list=os.path.abspath(os.path.expanduser(c["data_file_list"])),
                       split=c["split"], seed=int(c["seed"]),
-                      cache_dir=c["data_cache_dir"] or os.path.join(run_dir, "data_cache"))
+                      cache_dir=c["data_cache_dir"] or os.path.join(run_dir, "data_cache"),
+                      shuffle_sample_in_corpus=bool(c["shuffle_sample_in_corpus"]),
+                      blend_sample_in_corpus=bool(c["blend_sample_in_corpus"]))
     ckpt = CheckpointConfig(
         load=os.path.abspath(os.path.expanduser(load)) if load else "",
         save_interval=int(c["save_interval"]), keep=int(c["keep_checkpoints"]),
@@ -437,7 +446,9 @@ def describe(cfg: RunConfig) -> str:
         f"recipe {cfg.recipe} ({cfg.scale}), run dir {cfg.run_dir}",
         f"model {cfg.model}",
         f"params {cfg.model.num_params():,}",
-        f"data {cfg.data.file_list} split {cfg.data.split} seed {cfg.data.seed}",
+        f"data {cfg.data.file_list} split {cfg.data.split} seed {cfg.data.seed}"
+        f" shuffle_sample_in_corpus {cfg.data.shuffle_sample_in_corpus} blend_sample_in_corpus "
+        f"{cfg.data.blend_sample_in_corpus}",
         f"batch: micro {b.micro_batch} x grad-acc {b.grad_acc_steps} x data-parallel "
         f"{b.data_parallel} = global {b.global_batch_size} sequences of {b.seq_length} tokens "
         f"({b.tokens_per_iteration:,} tokens/iteration)",

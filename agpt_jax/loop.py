@@ -540,7 +540,9 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
     splits = build_blended_splits(entries, BlendConfig(
         seq_length=seq, global_batch_size=gbs, train_iters=p.data_start_iteration + cfg.train_iters,
         eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, seed=cfg.data.seed,
-        split=cfg.data.split, cache_dir=cfg.data.cache_dir))
+        split=cfg.data.split, cache_dir=cfg.data.cache_dir,
+        shuffle_sample_in_corpus=cfg.data.shuffle_sample_in_corpus,
+        blend_sample_in_corpus=cfg.data.blend_sample_in_corpus))
     train_ds, valid = splits["train"], splits.get("valid")
     if splits["train"].corpora != corpora:
         raise AssertionError("blend corpora differ from the list's")

@@ -74,6 +74,11 @@ ACCEPTED: tuple[Flag, ...] = (
          "sequences per iteration; the gradient accumulation steps follow from it unless "
          "GRAD_ACC_STEPS is set", launcher_overrides=True),
     Flag("seed", int, "seed", "the seed of the sample shuffles and of a random init"),
+    Flag("shuffle-sample-in-corpus", bool, "shuffle_sample_in_corpus",
+         "shuffle each corpus's samples once more (AuroraGPT's launcher always passes it; "
+         "--noshuffle-sample-in-corpus turns it off)"),
+    Flag("blend-sample-in-corpus", bool, "blend_sample_in_corpus",
+         "blend a corpus's files by weight instead of concatenating them (the 2024 launcher)"),
     Flag("save-interval", int, "save_interval", "iterations between checkpoints",
          launcher_overrides=True),
     Flag("eval-interval", int, "eval_interval", "iterations between evaluations",
@@ -135,8 +140,6 @@ _REFUSED: dict[str, str] = {
     "no-load-optim": "config.load_optimizer_state=False",
     "no-load-rng": "nothing: agpt-jax's random state is the seed and the iteration",
     "reset-iteration": "--finetune (config.reset_iteration)",
-    "shuffle-sample-in-corpus": "nothing yet: the blend is built without Megatron's in-corpus shuffle",
-    "blend-sample-in-corpus": "nothing yet: the blend is built without Megatron's in-corpus blend",
 }
 
 

@@ -141,6 +141,10 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
     c.split = env_str("SPLIT", "990,10,0", environ)
     c.seed = env_int("SEED", 1234, environ)
     c.data_cache_dir = ""  # "" = <run_dir>/data_cache
+    # AuroraGPT's launcher always passes --shuffle-sample-in-corpus; --blend-sample-in-corpus only
+    # until 2025-09 (spec §1.4, §1.5).
+    c.shuffle_sample_in_corpus = True
+    c.blend_sample_in_corpus = False
     # Checkpoints in and out.
     c.load = env_str("LOAD", "", environ)
     c.save = env_str("SAVE", "", environ)

@@ -36,6 +36,8 @@ MEGATRON_ACCEPTED = {
     "--lr-warmup-fraction": "0.01", "--lr-warmup-iters": "10", "--lr": "1e-4",
     "--train-iters": "100", "--micro-batch-size": "2", "--global-batch-size": "64",
     "--seed": "7", "--save-interval": "5", "--eval-interval": "10", "--eval-iters": "3",
+    # Always passed by the launcher (ALCF/helpers.sh); the 2024 one also passed the second.
+    "--shuffle-sample-in-corpus": None, "--blend-sample-in-corpus": None,
 }
 LAUNCHER_VARS = ("DATA_FILE_LIST", "LOAD", "SAVE", "TRAIN_TOKENS", "TRAIN_ITERS", "TRAIN_ITER",
                  "GRAD_ACC_STEPS", "MICRO_BATCH", "GLOBAL_BATCH", "SEQ", "LR", "LR_DECAY_STYLE",
