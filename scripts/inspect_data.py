@@ -5,11 +5,12 @@
 
 The defaults are those of the training recipes (configs/common.py `base_config`, which follows
 AuroraGPT's launcher, at the 7B scale), not Megatron's arguments.py defaults (split "969, 30, 1",
-eval interval 1000, eval iters 100): split 990,10,0, eval interval 100, eval iters 20, seed 1234,
-and no --shuffle-sample-in-corpus / --blend-sample-in-corpus, as agpt_jax/loop.py builds the
-training blend. So the data list, sequence length, global batch size and train iterations alone
-show the blend a recipe trains on; a run with SPLIT, EVAL_INTERVAL, EVAL_ITERS or SEED set, or
-another scale, needs the same values as flags. The blend is built as training builds it; training
+eval interval 1000, eval iters 100, no in-corpus shuffle): split 990,10,0, eval interval 100, eval
+iters 20, seed 1234, --shuffle-sample-in-corpus on (AuroraGPT's launcher always passes it) and
+--blend-sample-in-corpus off, the config keys agpt_jax/loop.py builds the training blend from.
+So the data list, sequence length, global batch size and train iterations alone show the blend a
+recipe trains on; a run with SPLIT, EVAL_INTERVAL, EVAL_ITERS or SEED set, another scale, or its
+in-corpus config keys overridden needs the same values as flags. The blend is built as training builds it; training
 caches its index arrays in <run_dir>/data_cache (pass that as --data-cache-path to reuse them; the
 arrays are the same without a cache). The cooldown recipe continues its source's data stream: its
 blend is built for the source's iterations plus its own, so pass their sum as --train-iters.
@@ -35,11 +36,10 @@ from agpt_jax.data.indexed import DataError
 from agpt_jax.data.pipeline import read_global_batch
 
 
-# The blend flags of the training recipes (configs/common.py base_config at the 7B scale, and
-# agpt_jax/loop.py, which passes neither sample-in-corpus option); tests/data/test_scripts.py
-# checks them against both.
+# The blend settings of the training recipes (configs/common.py base_config at the 7B scale, the
+# keys agpt_jax/loop.py builds the blend from); tests/data/test_scripts.py checks them against both.
 RECIPE_DEFAULTS = {"split": "990,10,0", "eval_interval": 100, "eval_iters": 20, "seed": 1234,
-                   "shuffle_sample_in_corpus": False, "blend_sample_in_corpus": False}
+                   "shuffle_sample_in_corpus": True, "blend_sample_in_corpus": False}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,10 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default=RECIPE_DEFAULTS["split"], help="default %(default)s: the recipes' SPLIT")
     p.add_argument("--shuffle-sample-in-corpus", action=argparse.BooleanOptionalAction,
                    default=RECIPE_DEFAULTS["shuffle_sample_in_corpus"],
-                   help="default off, as training builds its blend")
+                   help="default on, as the recipes train")
     p.add_argument("--blend-sample-in-corpus", action=argparse.BooleanOptionalAction,
                    default=RECIPE_DEFAULTS["blend_sample_in_corpus"],
-                   help="default off, as training builds its blend")
+                   help="default off, as the recipes train")
     p.add_argument("--data-cache-path", default=None, help="index cache folder (default: no cache)")
     p.add_argument("--dump", type=int, default=0, metavar="K", help="first K global training batches")
     p.add_argument("--out", default=None, help="npz file for --dump")

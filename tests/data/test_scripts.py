@@ -184,9 +184,9 @@ def test_inspect_data_dump_matches_blend(tmp_path, sp_model, capsys):
     assert "line 1: missing" in capsys.readouterr().err
 
 
-def _training_blend_keywords() -> dict:
-    """The sample-in-corpus options agpt_jax/loop.py passes when it builds the training blend
-    (BlendConfig's defaults where it passes none)."""
+def _training_blend_keywords(recipe_config) -> dict:
+    """The sample-in-corpus options agpt_jax/loop.py builds the training blend with: the recipe
+    config's keys it forwards (cfg.data.<key>), a constant, or BlendConfig's default."""
     import ast
     import inspect
 
@@ -199,20 +199,22 @@ def _training_blend_keywords() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(BlendConfig)}
     out = {}
     for name in ("shuffle_sample_in_corpus", "blend_sample_in_corpus"):
-        if name not in given:
+        value = given.get(name)
+        if value is None:
             out[name] = defaults[name]
+        elif isinstance(value, ast.Constant):
+            out[name] = value.value
         else:
-            assert isinstance(given[name], ast.Constant), (
-                f"loop.py passes {name}={ast.unparse(given[name])}: inspect_data's default must "
-                "follow that setting")
-            out[name] = given[name].value
+            assert ast.unparse(value) == f"cfg.data.{name}", (
+                f"loop.py passes {name}={ast.unparse(value)}: make inspect_data's default follow it")
+            out[name] = bool(recipe_config[name])
     return out
 
 
 @pytest.mark.parametrize("recipe", ["pretrain", "legacy", "cooldown", "constant_cooldown"])
 def test_inspect_data_defaults_are_the_training_blend(tmp_path, monkeypatch, capsys, recipe):
     """With only the list, seq, GBS and iterations, inspect_data builds the BlendConfig a 7B
-    recipe trains on: the config's split, eval interval/iters and seed, loop.py's shuffle/blend."""
+    recipe trains on: the config's split, eval interval/iters, seed and in-corpus options."""
     import importlib
 
     for var in ("SPLIT", "EVAL_ITERS", "EVAL_INTERVAL", "SEED"):
@@ -220,7 +222,7 @@ def test_inspect_data_defaults_are_the_training_blend(tmp_path, monkeypatch, cap
     c = importlib.import_module(f"configs.{recipe}").get_config("agpt_7b")
     expected = BlendConfig(seq_length=64, global_batch_size=8, train_iters=30,
                            eval_interval=c.eval_interval, eval_iters=c.eval_iters, seed=c.seed,
-                           split=c.split, **_training_blend_keywords())
+                           split=c.split, **_training_blend_keywords(c))
     ins = load_script("inspect_data")
     built = []
 
@@ -238,11 +240,13 @@ def test_inspect_data_defaults_are_the_training_blend(tmp_path, monkeypatch, cap
     built.clear()
     assert ins.main(["--data-file-list", "x", "--seq-length", "64", "--global-batch-size", "8",
                      "--train-iters", "30", "--split", "969, 30, 1", "--eval-interval", "1000",
-                     "--eval-iters", "100", "--seed", "7", "--shuffle-sample-in-corpus",
-                     "--blend-sample-in-corpus"]) == 0
-    assert built == [dataclasses.replace(expected, split="969, 30, 1", eval_interval=1000,
-                                         eval_iters=100, seed=7, shuffle_sample_in_corpus=True,
-                                         blend_sample_in_corpus=True)]
+                     "--eval-iters", "100", "--seed", "7",
+                     "--no-shuffle-sample-in-corpus" if expected.shuffle_sample_in_corpus
+                     else "--shuffle-sample-in-corpus", "--blend-sample-in-corpus"]) == 0
+    assert built == [dataclasses.replace(
+        expected, split="969, 30, 1", eval_interval=1000, eval_iters=100, seed=7,
+        shuffle_sample_in_corpus=not expected.shuffle_sample_in_corpus,
+        blend_sample_in_corpus=True)]
 
 
 def test_inspect_data_bad_input_exits_2_naming_it(tmp_path, capsys):
