@@ -59,8 +59,12 @@ def read_file_list(path: str, *, check_files: bool = True) -> list[FileListEntry
     base = os.path.dirname(os.path.abspath(path))
     entries: list[FileListEntry] = []
     problems: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()  # also cuts CRLF line ends
+    except UnicodeDecodeError as e:
+        raise DataError(f"DATA_FILE_LIST {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                        "save it as UTF-8 'weight prefix corpus' lines") from None
     for lineno, raw in enumerate(lines, start=1):
         text = raw.strip()
         if not text or text.startswith("#"):
@@ -138,22 +142,28 @@ def mix_file_lists(inputs: list[tuple[float, str]]) -> list[MixedLine]:
             continue
         entries: list[tuple[str, float, str]] = []
         file_sum = 0.0
-        with open(list_path, encoding="utf-8") as f:
-            for lineno, raw in enumerate(f, start=1):
-                text = raw.strip()
-                if not text or text.startswith("#"):
-                    continue
-                parts = text.split()
-                if len(parts) < 3:
-                    problems.append(f"{list_path}:{lineno}: need 'weight prefix corpus', got {text!r}")
-                    continue
-                try:
-                    w = float(parts[0])
-                except ValueError:
-                    problems.append(f"{list_path}:{lineno}: weight {parts[0]!r} is not a number")
-                    continue
-                entries.append((parts[1], w, parts[2]))
-                file_sum += w
+        try:
+            with open(list_path, encoding="utf-8") as f:
+                list_lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            problems.append(f"{list_path}: not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                            "as UTF-8")
+            continue
+        for lineno, raw in enumerate(list_lines, start=1):
+            text = raw.strip()
+            if not text or text.startswith("#"):
+                continue
+            parts = text.split()
+            if len(parts) < 3:
+                problems.append(f"{list_path}:{lineno}: need 'weight prefix corpus', got {text!r}")
+                continue
+            try:
+                w = float(parts[0])
+            except ValueError:
+                problems.append(f"{list_path}:{lineno}: weight {parts[0]!r} is not a number")
+                continue
+            entries.append((parts[1], w, parts[2]))
+            file_sum += w
         if entries and file_sum <= 0:
             problems.append(f"{list_path}: sum of weights is non-positive ({file_sum})")
             continue

@@ -58,3 +58,49 @@ def test_mix_rejects_nonpositive_global_weight(tmp_path):
     a.write_text("1 /x/p papers\n")
     with pytest.raises(DataError, match="must be positive"):
         mix_file_lists([(0.0, str(a))])
+
+
+def test_crlf_line_ends_read_as_lf(tmp_path):
+    """A list saved on Windows (CRLF) gives the same entries as with LF line ends."""
+    write_indexed_dataset(str(tmp_path / "a"), [[1, 2]], np.uint16)
+    write_indexed_dataset(str(tmp_path / "b"), [[3]], np.uint16)
+    text = "0.3 a web\n\n0.7 b papers\n"
+    (tmp_path / "lf.txt").write_bytes(text.encode())
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    lf, crlf = (read_file_list(str(tmp_path / n)) for n in ("lf.txt", "crlf.txt"))
+    assert [(e.weight, e.prefix, e.corpus, e.line) for e in crlf] == [
+        (0.3, str(tmp_path / "a"), "web", 1), (0.7, str(tmp_path / "b"), "papers", 3)]
+    assert crlf == lf
+    mixed_lf, mixed_crlf = (mix_file_lists([(1.0, str(tmp_path / n))])
+                            for n in ("lf.txt", "crlf.txt"))
+    assert [(m.weight, m.prefix, m.corpus) for m in mixed_crlf] == [
+        (m.weight, m.prefix, m.corpus) for m in mixed_lf] == [(0.3, "a", "web"), (0.7, "b", "papers")]
+
+
+def test_duplicate_paths_are_separate_entries_as_megatron_reads_them(tmp_path):
+    """Megatron's list reader keeps every line (spec §5.1): a path listed twice is two datasets,
+    so its corpus gets both weights."""
+    from agpt_jax.data import BlendConfig, build_blended_splits
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_indexed_dataset(str(tmp_path / name), [rng.integers(3, 90, size=40)
+                                                    for _ in range(30)], np.uint16)
+    (tmp_path / "dup.txt").write_text("1.0 a web\n1.0 a web\n2.0 b papers\n")
+    entries = read_file_list(str(tmp_path / "dup.txt"))
+    assert [(e.prefix, e.line) for e in entries] == [
+        (str(tmp_path / "a"), 1), (str(tmp_path / "a"), 2), (str(tmp_path / "b"), 3)]
+    train = build_blended_splits(entries, BlendConfig(
+        seq_length=8, global_batch_size=4, train_iters=50, eval_interval=1000, eval_iters=1,
+        split="100,0,0"))["train"]
+    shares = dict(zip(train.corpora, np.bincount(train.dataset_index) / len(train)))
+    assert shares == pytest.approx({"web": 0.5, "papers": 0.5}, abs=0.01)  # (1 + 1) : 2
+
+
+def test_a_list_that_is_not_utf8_is_one_clear_error(tmp_path):
+    lst = tmp_path / "latin1.txt"
+    lst.write_bytes("1.0 caf\u00e9 web\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt' is not UTF-8 text .*save it as UTF-8"):
+        read_file_list(str(lst))
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
+        mix_file_lists([(1.0, str(lst))])
