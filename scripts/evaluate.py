@@ -69,6 +69,8 @@ class DataOptions:
         eval_interval: --eval-interval of that run.
         max_samples: split "all": at most this many samples per file (None: all).
         cache_dir: where sample indices are cached (None: not cached).
+        shuffle_sample_in_corpus, blend_sample_in_corpus: Megatron's in-corpus flags, as the run
+            used them (the recipes: shuffle on, blend off, as AuroraGPT's launcher passes them).
     """
 
     file_list: str
@@ -79,9 +81,11 @@ class DataOptions:
     seed: int = 1234
     data_split: str = "990,10,0"
     train_iters: int = 1
-    eval_interval: int = 1000
+    eval_interval: int = 100
     max_samples: int | None = None
     cache_dir: str | None = None
+    shuffle_sample_in_corpus: bool = True
+    blend_sample_in_corpus: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +256,9 @@ def read_samples(opts: DataOptions) -> EvalSamples:
         cfg = BlendConfig(seq_length=opts.seq_length, global_batch_size=opts.global_batch_size,
                           train_iters=opts.train_iters, eval_interval=opts.eval_interval,
                           eval_iters=max(opts.eval_iters, 1), seed=opts.seed,
-                          split=opts.data_split, cache_dir=opts.cache_dir)
+                          split=opts.data_split, cache_dir=opts.cache_dir,
+                          shuffle_sample_in_corpus=opts.shuffle_sample_in_corpus,
+                          blend_sample_in_corpus=opts.blend_sample_in_corpus)
         splits = build_blended_splits(entries, cfg)
     except DataError as e:
         raise EvaluateError(f"--data-file-list {opts.file_list}: {e}") from None
@@ -384,7 +390,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-split", default="990,10,0",
                    help="Megatron --split ratios (default: the run configs' 990,10,0)")
     p.add_argument("--train-iters", type=int, default=1, help="the run's --train-iters (blend)")
-    p.add_argument("--eval-interval", type=int, default=1000, help="the run's --eval-interval")
+    p.add_argument("--eval-interval", type=int, default=100,
+                   help="the run's --eval-interval (default: the recipes' 100)")
+    p.add_argument("--shuffle-sample-in-corpus", action=argparse.BooleanOptionalAction,
+                   default=True, help="Megatron's in-corpus shuffle, as the run used it (default: "
+                   "on, as the recipes and AuroraGPT's launcher)")
+    p.add_argument("--blend-sample-in-corpus", action=argparse.BooleanOptionalAction,
+                   default=False, help="Megatron's in-corpus blend, as the run used it")
     p.add_argument("--max-samples", type=int, default=None, help="--split all: samples per file")
     p.add_argument("--data-cache-path", default=None, help="sample index cache folder")
     p.add_argument("--mesh", default="", help="mesh axes, e.g. 'data=1,fsdp=-1,tensor=1'")
@@ -472,7 +484,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             global_batch_size=args.global_batch_size, eval_iters=args.eval_iters,
             seed=args.seed, data_split=args.data_split, train_iters=args.train_iters,
             eval_interval=args.eval_interval, max_samples=args.max_samples,
-            cache_dir=args.data_cache_path)
+            cache_dir=args.data_cache_path,
+            shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
+            blend_sample_in_corpus=args.blend_sample_in_corpus)
         t0 = time.perf_counter()
         samples = read_samples(opts)
         losses = loaded.sequence_losses(samples.rows, batch)

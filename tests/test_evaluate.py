@@ -119,9 +119,10 @@ def test_loss_per_corpus_matches_hf_export(work, run_dir, file_list, hf_model):
     assert report["checkpoint"].endswith(os.path.join("checkpoints", "4"))
     assert report["dtype"] == "float32"
 
-    # Reference: the same Megatron blend (train_iters 1, eval_interval 1000), HF logits, torch CE.
-    cfg = BlendConfig(seq_length=SEQ, global_batch_size=GBS, train_iters=1, eval_interval=1000,
-                      eval_iters=EVAL_ITERS, split="80,20,0")
+    # Reference: the same Megatron blend (train_iters 1, eval_interval 100, the in-corpus shuffle
+    # the recipes use), HF logits, torch CE.
+    cfg = BlendConfig(seq_length=SEQ, global_batch_size=GBS, train_iters=1, eval_interval=100,
+                      eval_iters=EVAL_ITERS, split="80,20,0", shuffle_sample_in_corpus=True)
     valid = build_blended_splits(read_file_list(file_list), cfg)["valid"]
     n = EVAL_ITERS * GBS
     rows = np.stack([valid[i][0] for i in range(n)])
