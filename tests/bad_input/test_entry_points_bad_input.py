@@ -4,7 +4,10 @@ inspect_data.py, plot_runs.py, reliability_table.py.
 
 Each case must give: exit code 2 (bad input), one error line naming the input (file, field or
 variable) and the fix, no Python traceback (unless --debug, checked for one case per entry point),
-and no file created, changed or removed anywhere under the work folder.
+and no file created, changed or removed anywhere under the work folder. Every case's message must
+match a pattern naming the bad input and one naming its problem as the check the case is about
+words it: a case whose input trips an earlier check (say, a bad checkpoint before the data it
+means to test) fails on the problem pattern.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -35,8 +39,15 @@ class Case:
     entry: str            # "cpt", a converter module name, or a script name
     name: str             # the bad-input class (docs/reliability.md row)
     argv: tuple[str, ...]
-    expect: tuple[str, ...]  # regexes the error line(s) must match (input and fix)
+    names: str            # regex of the bad input's name: its file, flag or variable
+    problem: tuple[str, ...]  # regexes of what is wrong with it (and the fix), as its check says
     env: tuple[tuple[str, str], ...] = ()
+    omitted: bool = False  # the bad input is a flag left out (`names` is that flag)
+
+    @property
+    def expect(self) -> tuple[str, ...]:
+        """Every regex the error line(s) must match."""
+        return (self.names, *self.problem)
 
 
 def _load_script(name: str):
@@ -79,9 +90,14 @@ def work(tmp_path_factory):
     trunc_idx = copy_corpus("trunc_idx")
     with open(trunc_idx + ".idx", "r+b") as f:
         f.truncate(os.path.getsize(trunc_idx + ".idx") // 2)
+    # Cut at a token boundary (an even size of uint16 tokens), so that the index's sizes, not the
+    # item size, show the cut; odd_bin is cut mid-token, which the item-size check finds.
     trunc_bin = copy_corpus("trunc_bin")
     with open(trunc_bin + ".bin", "r+b") as f:
-        f.truncate(os.path.getsize(trunc_bin + ".bin") // 3)
+        f.truncate(os.path.getsize(trunc_bin + ".bin") // 3 // 2 * 2)
+    odd_bin = copy_corpus("odd_bin")
+    with open(odd_bin + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(odd_bin + ".bin") // 3 // 2 * 2 + 1)
     bad_dtype = copy_corpus("bad_dtype")
     with open(bad_dtype + ".idx", "r+b") as f:
         f.seek(17)  # the dtype code byte (Megatron's MMIDIDX header)
@@ -97,6 +113,7 @@ def work(tmp_path_factory):
         "truncated_idx": f"1.0 {trunc_idx} papers\n",
         "truncated_bin": f"1.0 {trunc_bin} papers\n",
         "wrong_dtype": f"1.0 {bad_dtype} papers\n",
+        "odd_bin": f"1.0 {odd_bin} papers\n",
         "empty": "# nothing\n",
     }
     paths = {"good": good_list}
@@ -112,8 +129,12 @@ def work(tmp_path_factory):
     write_universal(evil)
     marker = os.path.join(d, "pwned")
     states = os.path.join(evil, "global_step20_universal", "mp_rank_00_model_states.pt")
-    with open(states, "wb") as f:
-        pickle.dump(_Evil(marker), f)
+    # The payload in torch.save's zip layout (archive/data.pkl), as a current torch.save writes
+    # it, so that the reader gets to the pickle's globals rather than refusing the container.
+    with zipfile.ZipFile(states, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps(_Evil(marker), protocol=2))
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
     not_a_ckpt = os.path.join(d, "not_a_checkpoint")
     os.makedirs(not_a_ckpt)
     with open(os.path.join(not_a_ckpt, "README"), "w") as f:
@@ -122,9 +143,16 @@ def work(tmp_path_factory):
     with open(jsonl, "w") as f:
         f.write('{"text": "hello"}\n{"text": broken\n')
     np.save(os.path.join(d, "tokens_3d.npy"), np.zeros((2, 3, 4), np.int32))
+    # A valid checkpoint for the cases about evaluate's data and tokens: evaluate reads the
+    # checkpoint first, so with a bad one those cases would only ever test the checkpoint.
+    from converters import universal_to_orbax
+
+    good_ckpt = os.path.join(d, "checkpoint")
+    assert universal_to_orbax.main(["--load", other_size, "--save", good_ckpt,
+                                    "--no-optimizer-state"]) == 0
     return {"dir": d, "lists": paths, "prefix": prefix, "other_size": other_size,
             "evil": evil, "marker": marker, "not_a_ckpt": not_a_ckpt, "jsonl": jsonl,
-            "tokens_3d": os.path.join(d, "tokens_3d.npy")}
+            "tokens_3d": os.path.join(d, "tokens_3d.npy"), "good_ckpt": good_ckpt}
 
 
 def _cpt_cases(w) -> list[Case]:
@@ -136,66 +164,78 @@ def _cpt_cases(w) -> list[Case]:
     legacy = ("--config", "configs/legacy.py:smoke", f"--config.save={save}")
     cases = [
         Case("cpt", "DATA_FILE_LIST line without 3 fields",
-             base + (f"--config.data_file_list={L['three_fields']}",),
-             (r"three_fields\.txt", r"line 1: expected 3 fields 'weight prefix corpus'")),
-        Case("cpt", "DATA_FILE_LIST weight not a number", base,
-             (r"weight_text\.txt", r"line 1: weight 'heavy' is not a number"),
-             (("DATA_FILE_LIST", L["weight_text"]),)),
+             base + (f"--config.data_file_list={L['three_fields']}",), r"three_fields\.txt",
+             (r"line 1: expected 3 fields 'weight prefix corpus', got 2",)),
+        Case("cpt", "DATA_FILE_LIST weight not a number", base, r"weight_text\.txt",
+             (r"line 1: weight 'heavy' is not a number",), (("DATA_FILE_LIST", L["weight_text"]),)),
         Case("cpt", "DATA_FILE_LIST weights that sum to 0",
-             base + (f"--config.data_file_list={L['zero_weights']}",),
-             (r"zero_weights\.txt", r"must be a positive finite number")),
+             base + (f"--config.data_file_list={L['zero_weights']}",), r"zero_weights\.txt",
+             (r"line 1: weight 0 must be a positive finite number",
+              r"line 2: weight 0\.0 must be a positive finite number")),
         Case("cpt", "DATA_FILE_LIST with no entries",
-             base + (f"--config.data_file_list={L['empty']}",),
-             (r"empty\.txt", r"needs at least one 'weight prefix corpus' line")),
+             base + (f"--config.data_file_list={L['empty']}",), r"empty\.txt",
+             (r"no entries; a DATA_FILE_LIST needs at least one 'weight prefix corpus' line",)),
         Case("cpt", "DATA_FILE_LIST that does not exist",
-             base + (f"--config.data_file_list={d}/no_list.txt",),
-             (r"no_list\.txt", r"does not exist")),
+             base + (f"--config.data_file_list={d}/no_list.txt",), r"no_list\.txt",
+             (r"' does not exist; pass an existing list file",)),
         Case("cpt", "missing .bin", base + (f"--config.data_file_list={L['missing_bin']}",),
-             (r"only_idx\.bin",)),
+             r"only_idx\.bin", (r"line 1: missing \S*/only_idx\.bin(?! and)",)),
         Case("cpt", "missing .bin and .idx",
-             base + (f"--config.data_file_list={L['missing_prefix']}",),
-             (r"nothing_here\.(bin|idx)",)),
+             base + (f"--config.data_file_list={L['missing_prefix']}",), r"nothing_here\.idx",
+             (r"line 1: missing \S*/nothing_here\.bin and \S*/nothing_here\.idx",)),
         Case("cpt", "truncated .idx", base + (f"--config.data_file_list={L['truncated_idx']}",),
-             (r"trunc_idx\.idx",)),
+             r"trunc_idx\.idx",
+             (r"file is \d+ bytes but its header \(len=400, doc_count=401\) implies \d+; the "
+              r"index is truncated",)),
         Case("cpt", "truncated .bin", base + (f"--config.data_file_list={L['truncated_bin']}",),
-             (r"trunc_bin\.bin",)),
+             r"trunc_bin\.bin",
+             (r"\d+ bytes but \S*/trunc_bin\.idx says \d+ bytes \(\d+ uint16 tokens\); the \.bin "
+              r"is truncated, re-tokenize it",)),
         Case("cpt", "wrong dtype code in .idx",
-             base + (f"--config.data_file_list={L['wrong_dtype']}",),
-             (r"bad_dtype\.idx", r"dtype code is 42")),
-        Case("cpt", "impossible batch arithmetic", base + (good,),
-             (r"GLOBAL_BATCH", r"7"), (("GLOBAL_BATCH", "7"),)),
-        Case("cpt", "TRAIN_TOKENS smaller than one batch", base + (good,),
-             (r"TRAIN_TOKENS", r"10"), (("TRAIN_TOKENS", "10"),)),
-        Case("cpt", "malformed environment variable", base + (good,),
-             (r"TRAIN_ITERS", r"not an integer"), (("TRAIN_ITERS", "many"),)),
+             base + (f"--config.data_file_list={L['wrong_dtype']}",), r"bad_dtype\.idx",
+             (r"dtype code is 42, expected one of \[1, 2, 3, 4, 5, 6, 7, 8\]",)),
+        Case("cpt", "impossible batch arithmetic", base + (good,), r"GLOBAL_BATCH\)?=7",
+             (r"but micro_batch 1 x grad_acc_steps 2 x data-parallel size 8 = 16; set "
+              r"GLOBAL_BATCH=16",), (("GLOBAL_BATCH", "7"),)),
+        Case("cpt", "TRAIN_TOKENS smaller than one batch", base + (good,), r"TRAIN_TOKENS\)?=10",
+             (r"gives 0 iterations: one iteration takes SEQ 32 x GLOBAL_BATCH 16 = 512 tokens",),
+             (("TRAIN_TOKENS", "10"),)),
+        Case("cpt", "malformed environment variable", base + (good,), r"TRAIN_ITERS='?many",
+             (r"is not an integer; unset it or give a whole number",), (("TRAIN_ITERS", "many"),)),
         Case("cpt", "LOAD that does not exist",
-             legacy + (good, f"--config.load={d}/no_such_checkpoint"),
-             (r"no_such_checkpoint",)),
+             legacy + (good, f"--config.load={d}/no_such_checkpoint"), r"no_such_checkpoint",
+             (r"config\.load \(env LOAD\)='\S*' does not exist; give an existing checkpoint",)),
         Case("cpt", "LOAD that is not a checkpoint",
-             legacy + (good, f"--config.load={w['not_a_ckpt']}"),
-             (r"not_a_checkpoint",)),
+             legacy + (good, f"--config.load={w['not_a_ckpt']}"), r"not_a_checkpoint",
+             (r"not an agpt-jax checkpoint: expected params/",)),
         Case("cpt", "universal checkpoint of another model size",
-             legacy + (good, f"--config.load={w['other_size']}"),
-             (r"universal_other_size", r"another model", r"config scale")),
+             legacy + (good, f"--config.load={w['other_size']}"), r"universal_other_size",
+             (r"holds another model than config\.model=smoke: rope_theta: checkpoint 500000\.0 "
+              r"vs config 10000\.0", r"choose the config scale that matches it")),
         Case("cpt", "pickle that tries to run code",
-             legacy + (good, f"--config.load={w['evil']}"),
-             (r"mp_rank_00_model_states\.pt",)),
+             legacy + (good, f"--config.load={w['evil']}"), r"mp_rank_00_model_states\.pt",
+             (r"pickles the global posix\.system, which agpt-jax does not load",
+              r"runs no pickled code")),
         Case("cpt", "unknown config key", base + (good, "--config.learning_rate=1"),
-             (r"unknown config key in --config\.learning_rate",)),
-        Case("cpt", "missing --config", (), (r"--config is required",)),
+             r"--config\.learning_rate", (r"unknown config key in",)),
+        Case("cpt", "missing --config", (), r"--config", (r"is required, e\.g\. --config ",),
+             omitted=True),
         Case("cpt", "a Megatron flag cpt.py does not take", base + (good, "--seq-length", "64"),
-             (r"Megatron's --seq-length is not taken", r"config\.seq_length \(env SEQ\)")),
+             r"--seq-length", (r"Megatron's \S+ is not taken by cpt\.py; instead: "
+                               r"config\.seq_length \(env SEQ\)",)),
         Case("cpt", "a cooldown length without the cooldown switch",
              legacy + (good, f"--config.load={w['not_a_ckpt']}",
                        "--lr_constant_plus_cooldown_frac", "0.2"),
-             (r"--lr_constant_plus_cooldown_frac 0\.2 without --lr_constant_plus_cooldown",
-              r"add --lr_constant_plus_cooldown")),
+             r"--lr_constant_plus_cooldown_frac 0\.2",
+             (r"without --lr_constant_plus_cooldown: Megatron reads the length only with the "
+              r"switch", r"add --lr_constant_plus_cooldown$")),
         Case("cpt", "--universal-checkpoint with a LOAD that is not one",
              legacy + (good, f"--config.load={w['not_a_ckpt']}", "--universal-checkpoint"),
-             (r"--universal-checkpoint", r"not_a_checkpoint", r"is not a DeepSpeed universal "
-              r"checkpoint")),
+             r"not_a_checkpoint",
+             (r"--universal-checkpoint \(config\.universal_checkpoint\)",
+              r"is not a DeepSpeed universal checkpoint \(no latest_universal file")),
         Case("cpt", "--world_size without --dry_run", base + (good, "--world_size=24"),
-             (r"--world_size .* is for --dry_run only",)),
+             r"--world_size", (r"plans another job's size and is for --dry_run only",)),
     ]
     return cases
 
@@ -233,6 +273,38 @@ def _check(case: Case, rc: int, err: str) -> str:
     return " / ".join(ln.strip() for ln in text.splitlines())
 
 
+def _input_text(case: Case) -> str:
+    return " ".join(case.argv + tuple(f"{k}={v}" for k, v in case.env))
+
+
+def test_every_case_names_its_input_and_its_problem(work):
+    """`names` is the input as the command gives it (or the flag it leaves out); no `problem`
+    pattern can be met by echoing the command back, so it must be what the check says."""
+    cases = _cpt_cases(work) + _inprocess_cases(work)
+    assert len({(c.entry, c.name) for c in cases}) == len(cases)
+    for case in cases:
+        assert case.names and case.problem, case.name
+        text = _input_text(case)
+        if case.omitted:
+            assert not re.search(case.names, text), case.name
+        else:
+            # What the command names: its words, the paths in the lists it passes, the files in
+            # the folders it passes, and the .bin/.idx of every path (a dataset prefix).
+            words = re.split(r"[\s=]", text)
+            for path in list(words):
+                if path.endswith(".txt") and os.path.isfile(path):
+                    with open(path) as f:
+                        words += f.read().split()
+                elif os.path.isdir(path):
+                    words += [os.path.join(root, n) for root, _, files in os.walk(path)
+                              for n in files]
+            assert re.search(case.names, text) or any(
+                re.search(case.names, w + ext) for w in words for ext in ("", ".bin", ".idx")), (
+                case.name, case.names)
+        for pattern in case.problem:
+            assert not re.search(pattern, text), (case.name, pattern)
+
+
 def _record(case: Case, message: str, rc: int) -> None:
     slug = re.sub(r"[^a-z0-9]+", "_", f"{case.entry} {case.name}".lower()).strip("_")
     fh.record(f"bad_input_{slug}", {
@@ -264,58 +336,77 @@ def test_cpt_bad_input_catalogue(work):
 def _inprocess_cases(w) -> list[Case]:
     d, L = w["dir"], w["lists"]
     out = os.path.join(d, "out", "x")
+    ckpt = w["good_ckpt"]
+    blend = ("--seq-length", "32", "--global-batch-size", "4", "--train-iters", "10")
     return [
         Case("universal_to_orbax", "universal checkpoint of another model size",
              ("--load", w["other_size"], "--save", out, "--model-config", "tiny"),
-             (r"mp_rank_00_model_states\.pt", r"does not match", r"norm_eps")),
+             r"universal_other_size/\S*mp_rank_00_model_states\.pt",
+             (r"the given model config does not match the checkpoint's args",
+              r"norm_eps: given 1e-05, checkpoint 1e-06")),
         Case("universal_to_orbax", "pickle that tries to run code",
-             ("--load", w["evil"], "--save", out), (r"mp_rank_00_model_states\.pt",)),
+             ("--load", w["evil"], "--save", out), r"universal_evil/\S*mp_rank_00_model_states\.pt",
+             (r"pickles the global posix\.system, which agpt-jax does not load",
+              r"runs no pickled code")),
         Case("universal_to_orbax", "LOAD that does not exist",
-             ("--load", f"{d}/no_such", "--save", out), (r"no_such",)),
+             ("--load", f"{d}/no_such", "--save", out), r"no_such", (r": no such directory",)),
         Case("universal_to_orbax", "destination exists",
-             ("--load", w["other_size"], "--save", w["not_a_ckpt"]),
-             (r"not_a_checkpoint: already exists", r"choose a new --save")),
+             ("--load", w["other_size"], "--save", w["not_a_ckpt"]), r"not_a_checkpoint",
+             (r": already exists; choose a new --save",)),
         Case("orbax_to_universal", "LOAD that is not a checkpoint",
-             ("--load", w["not_a_ckpt"], "--save", out), (r"not_a_checkpoint",)),
+             ("--load", w["not_a_ckpt"], "--save", out), r"not_a_checkpoint",
+             (r"not an agpt-jax checkpoint: expected params/",)),
         Case("orbax_to_hf", "LOAD that does not exist",
-             ("--load", f"{d}/no_such", "--save", out), (r"no_such",)),
+             ("--load", f"{d}/no_such", "--save", out), r"no_such",
+             (r": no such checkpoint directory",)),
         Case("orbax_to_hf", "LOAD that is not a checkpoint",
-             ("--load", w["not_a_ckpt"], "--save", f"{d}/no_parent/hf"),
-             (r"not_a_checkpoint", r"pass the directory")),
+             ("--load", w["not_a_ckpt"], "--save", f"{d}/no_parent/hf"), r"not_a_checkpoint",
+             (r"not an agpt-jax checkpoint: expected params/", r"pass the directory")),
         Case("preprocess_data", "input that does not exist",
              ("--input", f"{d}/none.jsonl", "--output-prefix", out, "--tokenizer-type",
-              "HFTokenizer", "--tokenizer-model", f"{d}/none.json"), (r"none\.jsonl",)),
+              "HFTokenizer", "--tokenizer-model", f"{d}/none.json"), r"none\.jsonl",
+             (r"^error: --input '\S*' does not exist",)),
         Case("preprocess_data", "tokenizer model that does not exist",
              ("--input", w["jsonl"], "--output-prefix", out, "--tokenizer-type", "HFTokenizer",
-              "--tokenizer-model", f"{d}/no_tokenizer.json"), (r"no_tokenizer\.json",)),
+              "--tokenizer-model", f"{d}/no_tokenizer.json"), r"no_tokenizer\.json",
+             (r"^error: --tokenizer-model '\S*' does not exist",)),
         Case("mix_datasets", "weights that sum to 0",
-             ("--inputs", "1", L["zero_weights"]), (r"zero_weights\.txt",)),
-        Case("mix_datasets", "global weight 0", ("--inputs", "0", L["good"]),
-             (r"global weight 0", r"must be positive")),
+             ("--inputs", "1", L["zero_weights"]), r"zero_weights\.txt",
+             (r"sum of weights is non-positive \(0\.0\)",)),
+        Case("mix_datasets", "global weight 0", ("--inputs", "0", L["good"]), r"list\.txt",
+             (r"global weight 0(\.0)? for \S+ must be positive",)),
         Case("mix_datasets", "missing list", ("--inputs", "1", f"{d}/no_list.txt"),
-             (r"no_list\.txt",)),
+             r"no_list\.txt", (r": cannot open the list",)),
         Case("evaluate", "checkpoint that does not exist",
-             ("--checkpoint", f"{d}/no_such", "--data-file-list", L["good"]), (r"no_such",)),
+             ("--checkpoint", f"{d}/no_such", "--data-file-list", L["good"]), r"no_such",
+             (r"^error: --checkpoint: \S*: no such checkpoint directory",)),
         Case("evaluate", "truncated .idx",
-             ("--checkpoint", w["not_a_ckpt"], "--data-file-list", L["truncated_idx"]),
-             (r"trunc_idx\.idx|not_a_checkpoint",)),
+             ("--checkpoint", ckpt, "--data-file-list", L["truncated_idx"]), r"trunc_idx\.idx",
+             (r"file is \d+ bytes but its header \(len=400, doc_count=401\) implies \d+; the "
+              r"index is truncated",)),
         Case("evaluate", "tokens of the wrong rank",
-             ("--checkpoint", w["not_a_ckpt"], "--tokens", w["tokens_3d"], "--save-logits",
-              f"{d}/logits.npy"), (r"tokens_3d\.npy|not_a_checkpoint",)),
-        Case("evaluate", "no data and no tokens", ("--checkpoint", w["not_a_ckpt"]),
-             (r"--data-file-list",)),
+             ("--checkpoint", ckpt, "--tokens", w["tokens_3d"], "--save-logits",
+              f"{d}/logits.npy"), r"tokens_3d\.npy",
+             (r"shape \(2, 3, 4\), expected \[rows, length\]",)),
+        Case("evaluate", "no data and no tokens", ("--checkpoint", ckpt), r"--data-file-list",
+             (r"\(loss per corpus\) or --tokens \(logits\)",), omitted=True),
         Case("inspect_data", "DATA_FILE_LIST that does not exist",
-             ("--data-file-list", f"{d}/no_list.txt", "--seq-length", "32",
-              "--global-batch-size", "4", "--train-iters", "10"), (r"no_list\.txt",
-                                                                   r"does not exist")),
-        Case("inspect_data", "truncated .idx",
-             ("--data-file-list", L["truncated_idx"], "--seq-length", "32",
-              "--global-batch-size", "4", "--train-iters", "10"), (r"trunc_idx\.idx",)),
+             ("--data-file-list", f"{d}/no_list.txt") + blend, r"no_list\.txt",
+             (r"' does not exist; pass an existing list file",)),
+        Case("inspect_data", "truncated .idx", ("--data-file-list", L["truncated_idx"]) + blend,
+             r"trunc_idx\.idx",
+             (r"file is \d+ bytes but its header \(len=400, doc_count=401\) implies \d+; the "
+              r"index is truncated",)),
+        Case("inspect_data", ".bin cut mid-token", ("--data-file-list", L["odd_bin"]) + blend,
+             r"odd_bin\.bin",
+             (r"size \d*[13579] bytes is not a multiple of the uint16 item size 2 given in "
+              r"\S*/odd_bin\.idx",)),
         Case("plot_runs", "run folder that does not exist",
-             (f"{d}/no_such_run", "--out", f"{out}.png"), (r"no_such_run: no such run folder",)),
+             (f"{d}/no_such_run", "--out", f"{out}.png"), r"no_such_run",
+             (r": no such run folder",)),
         Case("reliability_table", "results folder without records",
-             ("--results", w["not_a_ckpt"], "--out", f"{out}.md"),
-             (r"not_a_checkpoint: no result records", r"RELIABILITY_RESULTS")),
+             ("--results", w["not_a_ckpt"], "--out", f"{out}.md"), r"not_a_checkpoint",
+             (r": no result records \(\*\.json\)", r"RELIABILITY_RESULTS set to this folder")),
     ]
 
 
