@@ -115,13 +115,20 @@ def test_cache_reused_and_rebuilt_when_inputs_change(tmp_path):
     assert sorted(os.listdir(cache)) == files  # reused, nothing new written
     assert isinstance(b.index.doc_idx, np.memmap)
     np.testing.assert_array_equal(a.index.shuffle_idx, b.index.shuffle_idx)
-    # A different seq_length, seed, or file content must not reuse the entry.
+    # A different seq_length, seed, or file content must not reuse the entry. The expected index
+    # is the loop reference of Megatron's algorithm (reference_megatron.ref_index, spec §5.4) on
+    # the document lengths as written, not the module's own build_sample_index.
+    def check(got, sizes, seq):
+        doc_idx, sample_idx, shuffle_idx, _, _ = ref_index(np.asarray(sizes, np.int32), documents,
+                                                           10, seq, 1234)
+        np.testing.assert_array_equal(got.index.doc_idx, doc_idx)
+        np.testing.assert_array_equal(got.index.sample_idx, sample_idx)
+        np.testing.assert_array_equal(got.index.shuffle_idx, shuffle_idx)
+
     c = GPTDataset(IndexedDataset(prefix), "train", documents, 10, 4, 1234, cache)
-    ref = build_sample_index(IndexedDataset(prefix).sizes, documents, 10, 4, 1234)
-    np.testing.assert_array_equal(c.index.sample_idx, ref.sample_idx)
+    check(c, [len(x) for x in docs], 4)
     docs[3] = list(docs[3]) + [1, 2, 3]
     write_indexed_dataset(prefix, docs, np.uint16)
     d = GPTDataset(IndexedDataset(prefix), "train", documents, 10, 8, 1234, cache)
-    ref = build_sample_index(IndexedDataset(prefix).sizes, documents, 10, 8, 1234)
-    np.testing.assert_array_equal(d.index.sample_idx, ref.sample_idx)
+    check(d, [len(x) for x in docs], 8)
     assert not any(f.endswith(".tmp") for f in os.listdir(cache))
