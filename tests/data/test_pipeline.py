@@ -10,10 +10,18 @@ import grain
 from agpt_jax.data.blend import BlendConfig, build_blended_splits
 from agpt_jax.data.file_list import FileListEntry
 from agpt_jax.data.indexed import DataError, write_indexed_dataset
-from agpt_jax.data.pipeline import make_batch_iterator, read_global_batch, read_iterator_state
+from agpt_jax.data.pipeline import make_batch_iterator, read_iterator_state
 
 GBS = 8
 SEQ = 16
+
+
+def _expected_batch(ds, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's global batch t: rows t*GBS .. t*GBS+GBS-1 of the blended dataset (its samples
+    of SEQ + 1 tokens, and their corpus ids), read from the dataset itself rather than through
+    the pipeline module under test."""
+    rows = [ds[t * GBS + r] for r in range(GBS)]
+    return np.stack([tokens for tokens, _ in rows]), np.array([c for _, c in rows])
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +54,10 @@ def test_two_processes_read_each_sample_once(train_ds):
     its = [make_batch_iterator(train_ds, global_batch_size=GBS, process_index=p, process_count=2) for p in (0, 1)]
     for t in range(4):
         parts = [next(it) for it in its]
-        full = read_global_batch(train_ds, t, GBS)
-        np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), full["text"][:, :-1])
-        np.testing.assert_array_equal(np.concatenate([p["corpus"] for p in parts]), full["corpus"])
+        text, corpus = _expected_batch(train_ds, t)
+        np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), text[:, :-1])
+        np.testing.assert_array_equal(np.concatenate([p["labels"] for p in parts]), text[:, 1:])
+        np.testing.assert_array_equal(np.concatenate([p["corpus"] for p in parts]), corpus)
         assert all(p["tokens"].shape[0] == GBS // 2 for p in parts)
 
 
@@ -82,7 +91,7 @@ def test_state_saves_in_an_orbax_step(train_ds, tmp_path):
     fresh = make_batch_iterator(train_ds, global_batch_size=GBS)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-    np.testing.assert_array_equal(next(fresh)["tokens"], read_global_batch(train_ds, 3, GBS)["text"][:, :-1])
+    np.testing.assert_array_equal(next(fresh)["tokens"], _expected_batch(train_ds, 3)[0][:, :-1])
     assert read_iterator_state(str(tmp_path / "ckpt" / "3" / "data"))["next_iteration"] == 3
 
 
