@@ -201,12 +201,20 @@ def test_lr_schedule_rows_follow_megatron(paths):
 
 
 def test_schedule_matches_optax_schedule(paths):
-    cfg = resolve(load_config("cooldown", "smoke"), paths)
+    """The cooldown branch's LR, as the host rows (float64) and as the optax schedule the compiled
+    step uses (float32), against spec §2.3 written out above (constant style with
+    --lr_constant_plus_cooldown_frac 1.0: 1-sqrt from LR to MIN_LR over the whole branch)."""
+    cfg = resolve(load_config("cooldown", "smoke"), paths, cooldown_tokens=40 * 32 * 16)
     from agpt_jax import loop
 
     its, lrs = loop.lr_schedule_rows(cfg)
+    g = cfg.batch.global_batch_size
+    assert cfg.train_iters == 40 and (cfg.schedule.max_lr, cfg.schedule.min_lr) == (1e-3, 1e-4)
+    want = [_cooldown_lr((k - 1) * g, 1e-3, 1e-4, 1.0, 40 * g) for k in its]
+    np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
+    # float32: 1 - sqrt(r) near r = 1 keeps ~6e-8 absolute, i.e. up to ~5e-7 of the last LRs.
     sched = optim.make_schedule(cfg.schedule)
-    np.testing.assert_allclose(lrs, [float(sched(k - 1)) for k in its], rtol=1e-6)
+    np.testing.assert_allclose([float(sched(k - 1)) for k in its], want, rtol=1e-6)
     assert lrs[-1] < lrs[0]
 
 
