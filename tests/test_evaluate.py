@@ -7,6 +7,7 @@ transformers.LlamaForCausalLM in fp32, and the reference cross-entropy from torc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -164,7 +165,21 @@ def test_saved_logits_match_hf_and_default_dtype_is_the_checkpoints(work, run_di
     assert json.load(open(js16))["dtype"] == "bfloat16"
     got16 = np.load(out16)
     assert not np.array_equal(got16, got)  # really computed in bf16 ...
-    np.testing.assert_allclose(got16, ref, atol=0.15 * np.abs(ref).max())  # ... of the same model
+    # ... of the same model. The yardstick is the reference's own bf16 computation (the HF model
+    # cast to bfloat16: the same matmuls on 8-bit-significand inputs, norms and softmax in fp32,
+    # residual adds in bf16): ours may be at most 25% further from the fp32 logits than it, in RMS
+    # and in the worst logit (the rounding order differs). With init_std 0.3 the bf16 error of this
+    # model is ~2% of the logits' RMS (5 units of the bf16 roundoff 2**-8), so a 1% error in a
+    # logit formula (~1% RMS, adding in quadrature) is below what bf16 resolves here; the fp32
+    # comparison above (atol 1e-4) is the check that catches it.
+    import torch
+
+    with torch.no_grad():
+        ref16 = copy.deepcopy(hf_model).to(torch.bfloat16)(
+            torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    ours, theirs = got16 - ref, ref16 - ref
+    assert np.sqrt(np.mean(ours**2)) <= 1.25 * np.sqrt(np.mean(theirs**2))
+    assert np.abs(ours).max() <= 1.25 * np.abs(theirs).max()
 
 
 def test_split_all_reads_one_epoch_of_every_file(work, run_dir, file_list):

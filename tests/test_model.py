@@ -6,6 +6,7 @@ down, norms, embed, lm_head), so logits must agree to fp32 rounding.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import flax.linen as nn
@@ -109,8 +110,18 @@ def test_bf16_compute_stays_close_to_fp32_reference():
     assert logits.dtype == jnp.bfloat16
     with torch.no_grad():
         ref = hf(torch.from_numpy(tokens)).logits.numpy()
-    err = np.abs(np.asarray(logits, np.float32) - ref)
-    assert err.max() < 0.05 * np.abs(ref).max(), err.max()
+        ref16 = copy.deepcopy(hf).to(torch.bfloat16)(torch.from_numpy(tokens)).logits.float().numpy()
+    # The model computes in bf16 (matmul inputs and outputs, residual adds; norms and softmax in
+    # fp32), so it cannot match fp32 to fp32 rounding. The bound is the reference's own bf16
+    # computation (the HF model cast to bfloat16, the same rounding points): ours may be at most
+    # 25% further from the fp32 logits than it, in RMS and in the worst logit (the rounding order
+    # differs). Here that error is ~2 units of the bf16 roundoff 2**-8 of the logits' RMS, so a 1%
+    # error in a logit formula (adding in quadrature) exceeds the bound.
+    ours, theirs = np.asarray(logits, np.float32) - ref, ref16 - ref
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    assert rms(ours) <= 1.25 * rms(theirs), (rms(ours), rms(theirs))
+    assert np.abs(ours).max() <= 1.25 * np.abs(theirs).max(), (np.abs(ours).max(),
+                                                               np.abs(theirs).max())
 
 
 def test_presets_have_megatron_parameter_counts():
