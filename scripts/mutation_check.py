@@ -85,6 +85,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    logits = model.apply({\"params\": params}, tokens)[..., :model.config.vocab_size]\n",
         ("tests/test_step_reference.py", "tests/test_train.py")),
     Mutation(
+        "weight_decay_on_norms", "weight decay applied to the RMSNorm scales (Megatron exempts 1-D)",
+        "agpt_jax/optim.py",
+        "        return rank >= 2 and (not names or names[-1] != \"bias\")",
+        "        return rank >= 1 and (not names or names[-1] != \"bias\")",
+        ("tests/test_step_reference.py", "tests/test_optim.py")),
+    Mutation(
         "cooldown_default_0.2", "constant_cooldown cools down over 0.2 of the run, not the seed's 0.05",
         "configs/constant_cooldown.py",
         "MEGATRON_COOLDOWN_FRAC = 0.05", "MEGATRON_COOLDOWN_FRAC = 0.2",
