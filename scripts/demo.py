@@ -2,26 +2,36 @@
 
     python scripts/demo.py --out demo_out [--quick]
 
-Steps, each a call of the real entry point (the equivalent command is printed):
+It runs AuroraGPT's two CPT recipes, each from the pretrained model it is meant for: the legacy
+recipe (re-warm + cosine) continues a model pretrained with a cosine schedule; the constant LR +
+cooldown recipe is phase 2 of a model pretrained at a constant LR (phase 1), continued at the same
+LR with no re-warm and cooled down only at its end. Steps, each a call of the real entry point (the
+equivalent command is printed):
    1. corpora       "papers" = the language reference topics of pydoc_data.topics, "web" = the
                     docstrings of the standard library's modules (read with ast, nothing imported)
    2. tokenizer     a SentencePiece BPE of 2048 pieces trained on both corpora
    3. preprocess    scripts/preprocess_data.py: both corpora -> Megatron .bin/.idx
-   4. pretrain      scripts/cpt.py configs/pretrain.py:demo on "web", cosine schedule
-   5. export        converters.orbax_to_universal: the "legacy pretrained model" as a Megatron-
-                    DeepSpeed universal checkpoint
-   6. mix           scripts/mix_datasets.py: 0.9 papers + 0.1 web (replay)
-   7. import        converters.universal_to_orbax: the universal checkpoint back to agpt-jax
-   8. legacy CPT    scripts/cpt.py configs/legacy.py:demo: re-warm + cosine on the mix
-   9. const+cool    scripts/cpt.py configs/constant_cooldown.py:demo: constant LR, 1-sqrt cooldown
+   4. pretrain      scripts/cpt.py configs/pretrain.py:demo on "web", warmup + cosine to min_lr:
+                    the "legacy pretrained model"
+   5. phase 1       scripts/cpt.py configs/pretrain.py:demo on "web", same seed, data and LR,
+                    warmup then constant LR, no cooldown, a checkpoint every third of the run
+   6. export        converters.orbax_to_universal: the cosine model and phase 1's last checkpoint
+                    (still at the peak LR) as Megatron-DeepSpeed universal checkpoints
+   7. mix           scripts/mix_datasets.py: 0.9 papers + 0.1 web (replay)
+   8. legacy CPT    scripts/cpt.py configs/legacy.py:demo from the cosine model's universal
+                    checkpoint: re-warm + cosine on the mix
+   9. phase 2       scripts/cpt.py configs/constant_cooldown.py:demo from phase 1's universal
+                    checkpoint at phase 1's LR: no re-warm, constant, 1-sqrt cooldown at the end
   10. convert       both CPT results to a universal checkpoint and an HF Llama folder
-  11. evaluate      scripts/evaluate.py: papers and web loss before and after CPT
+  11. evaluate      scripts/evaluate.py: papers and web loss of both pretrained models and both
+                    CPT results, each CPT result against the model it started from
   12. plot          scripts/plot_runs.py: loss per corpus and LR of the CPT runs side by side,
-                    and of the pretraining run
+                    and of the two pretraining runs
 
-Everything lands under --out (corpora/, tokenizer/, data/, lists/, runs/, checkpoints/,
-megatron/, hf/, eval/, cpt_runs.png, pretrain_run.png, summary.json). `--quick` is a smaller run
-of the same steps (for tests).
+The CPT runs read the universal checkpoints directly (scripts/cpt.py converts a universal LOAD
+once into SAVE/converted_init/). Everything lands under --out (corpora/, tokenizer/, data/,
+lists/, runs/, megatron/, hf/, eval/, cpt_runs.png, pretrain_runs.png, summary.json). `--quick`
+is a smaller run of the same steps (for tests).
 """
 
 from __future__ import annotations
@@ -77,7 +87,8 @@ class DemoSizes:
 
     Attributes:
         micro_batch: sequences of 128 tokens per iteration (one device, no accumulation).
-        pretrain_iters: pretraining iterations on "web".
+        pretrain_iters: iterations of each pretraining run on "web" (a multiple of 3: phase 1
+            saves a checkpoint every third of it).
         cpt_iters: iterations of each CPT run on the mix.
         eval_interval: iterations between evaluations in the runs.
         eval_iters: validation batches per evaluation (runs and the final evaluation).
@@ -92,10 +103,15 @@ class DemoSizes:
     max_web_files: int | None = None
 
 
-FULL = DemoSizes(micro_batch=16, pretrain_iters=240, cpt_iters=120, eval_interval=20,
+FULL = DemoSizes(micro_batch=16, pretrain_iters=90, cpt_iters=60, eval_interval=15,
                  eval_iters=4)
-QUICK = DemoSizes(micro_batch=4, pretrain_iters=24, cpt_iters=12, eval_interval=12, eval_iters=1,
+# 40 CPT iterations: a cooldown over the last 5% of the run still spans two iterations.
+QUICK = DemoSizes(micro_batch=4, pretrain_iters=24, cpt_iters=40, eval_interval=20, eval_iters=1,
                   max_web_files=150)
+# The peak LR of phase 1 and phase 2 (the constant+cooldown recipe continues at phase 1's LR), and
+# of the cosine pretraining run so that the two pretrained models differ only in their schedule.
+PRETRAIN_LR = 2e-3
+PHASE1_SAVES = 3  # phase 1 saves every third of its run and keeps every save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +129,11 @@ class Paths:
     mix_list: str
     eval_list: str
     pretrain_run: str
+    phase1_run: str
     legacy_run: str
     cc_run: str
-    universal: str
-    imported: str
+    universal_cosine: str
+    universal_phase1: str
     megatron: str
     hf: str
     eval: str
@@ -133,11 +150,12 @@ class Paths:
             tokenizer=j("tokenizer", "demo.model"), data=j("data"), lists=j("lists"),
             web_list=j("lists", "web.txt"), papers_list=j("lists", "papers.txt"),
             mix_list=j("lists", "cpt_mix.txt"), eval_list=j("lists", "eval.txt"),
-            pretrain_run=j("runs", "pretrain"), legacy_run=j("runs", "legacy"),
-            cc_run=j("runs", "constant_cooldown"), universal=j("megatron", "legacy_pretrained"),
-            imported=j("checkpoints", "legacy_pretrained"), megatron=j("megatron"), hf=j("hf"),
-            eval=j("eval"), plot=j("cpt_runs.png"), pretrain_plot=j("pretrain_run.png"),
-            summary=j("summary.json"))
+            pretrain_run=j("runs", "pretrain_cosine"), phase1_run=j("runs", "phase1_constant"),
+            legacy_run=j("runs", "legacy"), cc_run=j("runs", "constant_cooldown"),
+            universal_cosine=j("megatron", "pretrained_cosine"),
+            universal_phase1=j("megatron", "phase1_constant"), megatron=j("megatron"),
+            hf=j("hf"), eval=j("eval"), plot=j("cpt_runs.png"),
+            pretrain_plot=j("pretrain_runs.png"), summary=j("summary.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,20 +341,34 @@ def _describe_run(run_dir: str) -> list[str]:
 # The steps.
 
 
+def _lr_at(run_dir: str, iteration: int) -> float:
+    """The LR of a run's train step `iteration` (metrics.jsonl)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and rec["iteration"] == iteration:
+                return float(rec["lr"])
+    raise DemoError(f"{run_dir}/metrics.jsonl: no train line for iteration {iteration}")
+
+
 def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
     """All steps; returns the summary also written to OUT/summary.json."""
     import converters.orbax_to_hf as orbax_to_hf
     import converters.orbax_to_universal as orbax_to_universal
-    import converters.universal_to_orbax as universal_to_orbax
     import evaluate
     import mix_datasets
     import plot_runs
     import preprocess_data
+    from agpt_jax import init_checkpoint as ic
 
     demo = Demo(out, sizes)
     p = demo.paths
     t_start = time.perf_counter()
-    corpora = {}
+    corpora: dict[str, str] = {}
+    prefixes: dict[str, str] = {}
+    # Phase 1's last checkpoint (RUN/checkpoints/<step>), the one phase 2 continues.
+    phase1: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
 
     def corpora_step() -> list[str]:
         lines = []
@@ -347,8 +379,6 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
             corpora[name] = path
             lines.append(f"{name}: {n} documents, {chars / 1e3:.0f}K characters -> {path}")
         return lines
-
-    demo.step("Build two corpora from the Python installation", corpora_step)
 
     def tokenizer_step() -> list[str]:
         import sentencepiece as spm
@@ -368,10 +398,6 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
             minloglevel=2)
         os.remove(text)
         return [f"vocabulary {VOCAB_SIZE} -> {p.tokenizer}"]
-
-    demo.step("Train a tokenizer", tokenizer_step)
-
-    prefixes = {}
 
     def preprocess_step() -> list[str]:
         lines = []
@@ -393,32 +419,47 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
             f.write(f"1.0 {prefixes['papers']} papers\n1.0 {prefixes['web']} web\n")
         return lines
 
-    demo.step("Tokenize both corpora into Megatron .bin/.idx", preprocess_step)
-
     common = {"split": SPLIT, "eval_interval": sizes.eval_interval,
               "eval_iters": sizes.eval_iters, "train_tokens": 0, "global_batch": 0,
               "micro_batch": sizes.micro_batch, "grad_acc_steps": 1, "progress_bar": False,
               "log_interval": 10}
+    # Both pretraining runs: random init, the same seed, data and peak LR; only the schedule
+    # differs.
+    pretrain = dict(common, data_file_list=p.web_list, train_iters=sizes.pretrain_iters,
+                    lr=PRETRAIN_LR)
 
-    def pretrain_step() -> list[str]:
-        demo.cpt("pretrain", "configs/pretrain.py:demo",
-                 dict(common, data_file_list=p.web_list, save=p.pretrain_run,
-                      train_iters=sizes.pretrain_iters,
-                      save_interval=sizes.pretrain_iters),
-                 os.path.join(p.pretrain_run + ".log"))
+    def pretrain_cosine_step() -> list[str]:
+        demo.cpt("pretrain (cosine)", "configs/pretrain.py:demo",
+                 dict(pretrain, save=p.pretrain_run, save_interval=sizes.pretrain_iters),
+                 p.pretrain_run + ".log")
         return _describe_run(p.pretrain_run)
 
-    demo.step("Pretrain the demo model on 'web' (cosine schedule)", pretrain_step)
+    def phase1_step() -> list[str]:
+        every = sizes.pretrain_iters // PHASE1_SAVES
+        demo.cpt("phase 1 (constant LR)", "configs/pretrain.py:demo",
+                 dict(pretrain, save=p.phase1_run, lr_decay_style="constant", cooldown_frac=0,
+                      save_interval=every, keep_checkpoints=PHASE1_SAVES),
+                 p.phase1_run + ".log")
+        steps = sorted(int(n) for n in os.listdir(os.path.join(p.phase1_run, "checkpoints"))
+                       if n.isdigit())
+        # The run's newest finalized checkpoint is its last save; name the step folder itself.
+        phase1["dir"] = ic.resolve_checkpoint_dir(p.phase1_run)
+        phase1["step"] = int(os.path.basename(phase1["dir"]))
+        phase1["lr"] = _lr_at(p.phase1_run, phase1["step"])
+        return _describe_run(p.phase1_run) + [
+            f"checkpoints at iterations {steps}; phase 2 continues the last one, "
+            f"{phase1['dir']} (LR {phase1['lr']:.2e}, never decayed)"]
 
     def export_step() -> list[str]:
-        os.makedirs(os.path.dirname(p.universal), exist_ok=True)
-        demo.call("export", orbax_to_universal.main, ["--load", p.pretrain_run, "--save",
-                                                      p.universal],
-                  "python -m converters.orbax_to_universal")
-        return [f"universal checkpoint (DeepSpeed ds_to_universal layout) -> {p.universal}"]
-
-    demo.step("Export it as the 'legacy pretrained model' (Megatron universal checkpoint)",
-              export_step)
+        os.makedirs(p.megatron, exist_ok=True)
+        lines = []
+        for what, src, dst in (("cosine pretrained model", p.pretrain_run, p.universal_cosine),
+                               ("phase 1, last checkpoint", phase1["dir"], p.universal_phase1)):
+            demo.call("export", orbax_to_universal.main, ["--load", src, "--save", dst],
+                      "python -m converters.orbax_to_universal")
+            lines.append(f"{what}: universal checkpoint (DeepSpeed ds_to_universal layout) "
+                         f"-> {dst}")
+        return lines
 
     def mix_step() -> list[str]:
         text = demo.call("mix", mix_datasets.main,
@@ -429,36 +470,22 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
         return [f"0.9 papers + 0.1 web replay -> {p.mix_list}"] + [
             "  " + line for line in text.splitlines()]
 
-    demo.step("Mix the CPT data: 0.9 papers + 0.1 web", mix_step)
-
-    def import_step() -> list[str]:
-        os.makedirs(os.path.dirname(p.imported), exist_ok=True)
-        demo.call("import", universal_to_orbax.main, ["--load", p.universal, "--save",
-                                                      p.imported],
-                  "python -m converters.universal_to_orbax")
-        return [f"agpt-jax checkpoint (params, Adam moments and step, metadata) -> {p.imported}"]
-
-    demo.step("Convert the universal checkpoint to agpt-jax", import_step)
-
-    cpt = dict(common, data_file_list=p.mix_list, load=p.imported, train_iters=sizes.cpt_iters,
+    cpt = dict(common, data_file_list=p.mix_list, train_iters=sizes.cpt_iters,
                save_interval=sizes.cpt_iters)
 
     def legacy_step() -> list[str]:
-        demo.cpt("legacy CPT", "configs/legacy.py:demo", dict(cpt, save=p.legacy_run),
-                 p.legacy_run + ".log")
-        return _describe_run(p.legacy_run)
+        demo.cpt("legacy CPT", "configs/legacy.py:demo",
+                 dict(cpt, load=p.universal_cosine, save=p.legacy_run), p.legacy_run + ".log")
+        return [f"LOAD {p.universal_cosine}, converted once into "
+                f"{os.path.join(p.legacy_run, 'converted_init')}"] + _describe_run(p.legacy_run)
 
-    demo.step("Legacy CPT: re-warm + cosine on the mix", legacy_step)
-
-    def cc_step() -> list[str]:
-        print("      the pretrained model ended its cosine at a low LR; the constant recipe "
-              "refuses such a source unless told (allow_cooled_down_source)", flush=True)
-        demo.cpt("constant+cooldown CPT", "configs/constant_cooldown.py:demo",
-                 dict(cpt, save=p.cc_run, allow_cooled_down_source=True),
+    def phase2_step() -> list[str]:
+        # Phase 1's peak LR; the recipe's own cooldown length and min_lr apply.
+        demo.cpt("phase 2 (constant+cooldown CPT)", "configs/constant_cooldown.py:demo",
+                 dict(cpt, load=p.universal_phase1, save=p.cc_run, lr=PRETRAIN_LR),
                  p.cc_run + ".log")
-        return _describe_run(p.cc_run)
-
-    demo.step("Constant LR + cooldown CPT on the mix", cc_step)
+        return [f"LOAD {p.universal_phase1}, converted once into "
+                f"{os.path.join(p.cc_run, 'converted_init')}"] + _describe_run(p.cc_run)
 
     def convert_step() -> list[str]:
         lines = []
@@ -474,21 +501,20 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
             lines += [f"{name}: Megatron universal -> {meg}", f"{name}: HF Llama -> {hf}"]
         return lines
 
-    demo.step("Convert the CPT results to Megatron and HF form", convert_step)
-
-    results: dict[str, dict[str, Any]] = {}
+    # (title, results key, checkpoint); each CPT result follows the model it started from.
+    models = (("cosine pretrained", "pretrained_cosine", p.pretrain_run),
+              ("  legacy CPT", "legacy", p.legacy_run),
+              ("phase 1 (constant LR)", "phase1", None),
+              ("  phase 2 (const+cool)", "constant_cooldown", p.cc_run))
 
     def evaluate_step() -> list[str]:
         os.makedirs(p.eval, exist_ok=True)
-        models = (("pretrained (before CPT)", "pretrained", p.imported),
-                  ("legacy CPT", "legacy", p.legacy_run),
-                  ("constant+cooldown CPT", "constant_cooldown", p.cc_run))
         for _, key, ckpt in models:
             out_json = os.path.join(p.eval, f"{key}.json")
             demo.call(f"evaluate {key}", evaluate.main,
-                      ["--checkpoint", ckpt, "--data-file-list", p.eval_list, "--split", "valid",
-                       "--data-split", SPLIT, "--global-batch-size", "16", "--eval-iters",
-                       str(2 * sizes.eval_iters), "--json", out_json],
+                      ["--checkpoint", ckpt or phase1["dir"], "--data-file-list", p.eval_list,
+                       "--split", "valid", "--data-split", SPLIT, "--global-batch-size", "16",
+                       "--eval-iters", str(2 * sizes.eval_iters), "--json", out_json],
                       "python scripts/evaluate.py")
             with open(out_json) as f:
                 results[key] = json.load(f)["results"]
@@ -502,31 +528,49 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
         lines.append(f"per-model JSON in {p.eval}")
         return lines
 
-    demo.step("Evaluate papers and web loss before and after CPT", evaluate_step)
-
     def plot_step() -> list[str]:
         lines = []
         for runs, png, title in (
                 ([p.legacy_run, p.cc_run], p.plot,
-                 "CPT of the legacy pretrained model on 0.9 papers + 0.1 web"),
-                ([p.pretrain_run], p.pretrain_plot, "pretraining of the demo model on web")):
+                 "CPT on 0.9 papers + 0.1 web: legacy (from cosine) and phase 2 (from phase 1)"),
+                ([p.pretrain_run, p.phase1_run], p.pretrain_plot,
+                 "pretraining on web: cosine and constant LR (phase 1)")):
             text = demo.call("plot", plot_runs.main,
                              [*runs, "--out", png, "--smooth", "5", "--title", title],
                              "python scripts/plot_runs.py")
             lines += text.splitlines()
         return lines
 
-    demo.step("Plot the runs", plot_step)
+    steps = (
+        ("Build two corpora from the Python installation", corpora_step),
+        ("Train a tokenizer", tokenizer_step),
+        ("Tokenize both corpora into Megatron .bin/.idx", preprocess_step),
+        ("Pretrain the 'legacy pretrained model' on 'web' (warmup + cosine)",
+         pretrain_cosine_step),
+        ("Pretrain phase 1 on 'web' (warmup + constant LR, no cooldown)", phase1_step),
+        ("Export both as Megatron universal checkpoints", export_step),
+        ("Mix the CPT data: 0.9 papers + 0.1 web", mix_step),
+        ("Legacy CPT from the cosine model: re-warm + cosine on the mix", legacy_step),
+        ("Phase 2 from phase 1: constant LR + cooldown on the mix, no re-warm", phase2_step),
+        ("Convert the CPT results to Megatron and HF form", convert_step),
+        ("Evaluate papers and web loss before and after CPT", evaluate_step),
+        ("Plot the runs", plot_step),
+    )
+    demo.total = len(steps)
+    for title, body in steps:
+        demo.step(title, body)
 
     total = time.perf_counter() - t_start
-    before, legacy, cc = (results[k] for k in ("pretrained", "legacy", "constant_cooldown"))
     summary = {
         "out": p.out, "sizes": dataclasses.asdict(sizes), "seconds_total": total,
         "steps": [{"step": t, "seconds": s} for t, s in demo.times],
         "loss": {k: {c: results[k][c]["loss"] for c in ("papers", "web", "total")}
                  for k in results},
+        "phase1_checkpoint": {"dir": phase1["dir"], "iteration": phase1["step"],
+                              "lr": phase1["lr"]},
         "paths": {"tokenizer": p.tokenizer, "mix_list": p.mix_list, "runs": [
-            p.pretrain_run, p.legacy_run, p.cc_run], "universal_pretrained": p.universal,
+            p.pretrain_run, p.phase1_run, p.legacy_run, p.cc_run],
+            "universal_cosine": p.universal_cosine, "universal_phase1": p.universal_phase1,
             "megatron": p.megatron, "hf": p.hf, "plot": p.plot,
             "pretrain_plot": p.pretrain_plot},
     }
@@ -536,13 +580,15 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
     for title, s in demo.times:
         print(f"  {s:7.1f} s  {title}")
     print(f"  {total:7.1f} s  total")
-    print(f"  papers loss {before['papers']['loss']:.3f} -> legacy {legacy['papers']['loss']:.3f}"
-          f", constant+cooldown {cc['papers']['loss']:.3f} (learning the new corpus)")
-    change = max(legacy["web"]["loss"], cc["web"]["loss"]) - before["web"]["loss"]
-    note = (f"forgetting: up to +{change:.3f}, held back by the 10% replay" if change > 0
-            else "no forgetting at this length")
-    print(f"  web loss    {before['web']['loss']:.3f} -> legacy {legacy['web']['loss']:.3f}, "
-          f"constant+cooldown {cc['web']['loss']:.3f} ({note})")
+    for branch, before, after in (("legacy CPT", "pretrained_cosine", "legacy"),
+                                  ("phase 2", "phase1", "constant_cooldown")):
+        b, a = results[before], results[after]
+        change = a["web"]["loss"] - b["web"]["loss"]
+        note = (f"forgetting +{change:.3f}, held back by the 10% replay" if change > 0
+                else "no forgetting at this length")
+        print(f"  {branch + ':':<12} papers {b['papers']['loss']:.3f} -> "
+              f"{a['papers']['loss']:.3f} (learning the new corpus), web "
+              f"{b['web']['loss']:.3f} -> {a['web']['loss']:.3f} ({note}); from {before}")
     print(f"  plots {p.plot}, {p.pretrain_plot}; summary {p.summary}")
     return summary
 
@@ -570,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--out", required=True, help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="shorter runs (a smoke test, ~2 min)")
+    p.add_argument("--quick", action="store_true", help="shorter runs (a smoke test, ~1 min)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's --out")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

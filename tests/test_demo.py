@@ -1,8 +1,9 @@
 """The built-in demo end to end at its --quick size: every step runs and the results make sense.
 
-One module-scoped run of `scripts/demo.py --quick` (corpora, tokenizer, preprocess, pretrain,
-universal export, mix, import, legacy and constant+cooldown CPT, Megatron and HF export, evaluate,
-plot); the tests then check properties of what it wrote.
+One module-scoped run of `scripts/demo.py --quick` (corpora, tokenizer, preprocess, cosine
+pretraining, constant-LR phase 1, universal export of both, mix, legacy CPT from the cosine model,
+phase 2 (constant+cooldown) from phase 1, Megatron and HF export, evaluate, plot); the tests then
+check properties of what it wrote.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def demo_run(tmp_path_factory):
     return out, text, summary
 
 
+def _run(out: str, name: str) -> str:
+    return os.path.join(out, "runs", name)
+
+
 @pytest.mark.slow
 def test_every_step_reports_what_where_and_how_long(demo_run):
     out, text, summary = demo_run
@@ -51,64 +56,112 @@ def test_every_step_reports_what_where_and_how_long(demo_run):
     assert [s.split("]")[0] + "]" for s in steps] == [f"[{i}/12]" for i in range(1, 13)]
     assert text.count("done in ") == 12
     assert len(summary["steps"]) == 12 and summary["seconds_total"] > 0
-    for path in (summary["paths"]["tokenizer"], summary["paths"]["mix_list"],
-                 summary["paths"]["plot"]):
+    paths = summary["paths"]
+    for path in (paths["tokenizer"], paths["mix_list"], paths["plot"], paths["pretrain_plot"]):
         assert os.path.isfile(path) and path in text
+    for path in paths["runs"] + [paths["universal_cosine"], paths["universal_phase1"]]:
+        assert os.path.isdir(path) and path in text
     # The mix is 0.9 papers + 0.1 web, one line each.
-    with open(summary["paths"]["mix_list"]) as f:
+    with open(paths["mix_list"]) as f:
         mix = [line.split() for line in f if line.strip()]
     assert [(float(w), c) for w, _, c in mix] == [(0.9, "papers"), (0.1, "web")]
 
 
 @pytest.mark.slow
-def test_pretraining_and_legacy_cpt_learn(demo_run):
-    """Pretraining lowers the web loss; legacy CPT lowers the papers loss below the pretrained
-    model's, measured by evaluate.py on held-out documents and in the run's own metrics."""
+def test_pretraining_and_cpt_learn(demo_run):
+    """Both pretraining runs lower the web loss; each CPT branch lowers the papers loss below that
+    of the model it started from, measured by evaluate.py on held-out documents and in the run's
+    own metrics."""
     out, _, summary = demo_run
-    train, evals = _records(os.path.join(out, "runs", "pretrain"))
-    assert evals[-1]["eval/loss/web"] < train[0]["loss"] - 0.5
+    for name in ("pretrain_cosine", "phase1_constant"):
+        train, evals = _records(_run(out, name))
+        assert evals[-1]["eval/loss/web"] < train[0]["loss"] - 0.5, name
     loss = summary["loss"]
-    assert loss["legacy"]["papers"] < loss["pretrained"]["papers"] - 0.05
-    assert loss["constant_cooldown"]["papers"] < loss["pretrained"]["papers"] - 0.05
-    train, _ = _records(os.path.join(out, "runs", "legacy"))
-    papers = [r["loss/papers"] for r in train if "loss/papers" in r]
-    # Per-batch losses of one corpus move by +-0.3 here (12 logged batches of a few thousand
-    # tokens), so the first and the last three batches are compared as means; a single first
-    # batch was a coin toss (6.79 against a final mean of 6.80 on jax 0.11).
-    assert np.mean(papers[-3:]) < np.mean(papers[:3])
-    # Both corpora are in the CPT batches (replay), the papers share near 0.9.
-    last = train[-1]
-    share = last["tokens/papers"] / (last["tokens/papers"] + last["tokens/web"])
-    assert 0.8 < share < 0.97
+    assert loss["legacy"]["papers"] < loss["pretrained_cosine"]["papers"] - 0.05
+    assert loss["constant_cooldown"]["papers"] < loss["phase1"]["papers"] - 0.05
+    for name in ("legacy", "constant_cooldown"):
+        train, _ = _records(_run(out, name))
+        papers = [r["loss/papers"] for r in train if "loss/papers" in r]
+        # Per-batch losses of one corpus move by +-0.3 here (logged batches of a few thousand
+        # tokens), so the first and the last three batches are compared as means; a single first
+        # batch was a coin toss (6.79 against a final mean of 6.80 on jax 0.11).
+        assert np.mean(papers[-3:]) < np.mean(papers[:3]), name
+        # Both corpora are in the CPT batches (replay), the papers share near 0.9.
+        last = train[-1]
+        share = last["tokens/papers"] / (last["tokens/papers"] + last["tokens/web"])
+        assert 0.8 < share < 0.97, name
+
+
+@pytest.mark.slow
+def test_pretraining_runs_differ_only_in_the_schedule(demo_run):
+    """Same init, data and peak LR: the same first loss and warmup; the cosine run decays to
+    min_lr, phase 1 stays at its peak LR once warmed up (no decay, no cooldown)."""
+    out, _, _ = demo_run
+    cosine, _ = _records(_run(out, "pretrain_cosine"))
+    phase1, _ = _records(_run(out, "phase1_constant"))
+    assert len(cosine) == len(phase1)
+    assert phase1[0]["loss"] == pytest.approx(cosine[0]["loss"], rel=1e-5)
+    lr = [r["lr"] for r in phase1]
+    peak = max(lr)
+    assert lr[0] < 0.5 * peak  # the warmup at the start of pretraining
+    top = lr.index(peak)
+    assert all(b >= a for a, b in zip(lr[:top], lr[1:top + 1]))  # warmup only rises
+    assert lr[top:] == pytest.approx([peak] * (len(lr) - top))  # never decays after it
+    assert top < 0.2 * len(lr)
+    assert max(r["lr"] for r in cosine) == pytest.approx(peak, rel=0.05)
+    assert cosine[-1]["lr"] < 0.2 * peak
+
+
+@pytest.mark.slow
+def test_phase1_keeps_its_saves_and_phase2_continues_the_last(demo_run):
+    out, _, summary = demo_run
+    ckpts = os.path.join(_run(out, "phase1_constant"), "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    phase1, _ = _records(_run(out, "phase1_constant"))
+    n = len(phase1)
+    assert steps == [n // 3, 2 * n // 3, n]  # every third of the run, all kept
+    loaded = summary["phase1_checkpoint"]
+    assert loaded["iteration"] == steps[-1]
+    assert os.path.samefile(loaded["dir"], os.path.join(ckpts, str(steps[-1])))
+    with open(os.path.join(summary["paths"]["universal_phase1"], "latest_universal")) as f:
+        assert f.read().strip() == f"global_step{steps[-1]}_universal"
 
 
 @pytest.mark.slow
 def test_schedules_are_the_recipes(demo_run):
-    """Legacy re-warms from ~0 and decays; constant+cooldown starts at the peak, ends lower."""
-    out, _, _ = demo_run
-    legacy, _ = _records(os.path.join(out, "runs", "legacy"))
-    cc, _ = _records(os.path.join(out, "runs", "constant_cooldown"))
+    """Legacy re-warms from ~0 and decays; phase 2 starts at the LR phase 1 had at the checkpoint
+    it loaded (no re-warm), stays there, and ends cooled down."""
+    out, _, summary = demo_run
+    legacy, _ = _records(_run(out, "legacy"))
+    cc, _ = _records(_run(out, "constant_cooldown"))
+    phase1, _ = _records(_run(out, "phase1_constant"))
+    loaded = summary["phase1_checkpoint"]["iteration"]
+    lr_at_load = next(r["lr"] for r in phase1 if r["iteration"] == loaded)
+    assert cc[0]["lr"] == pytest.approx(lr_at_load, rel=1e-6)  # no re-warm
     peak = max(r["lr"] for r in cc)
-    assert cc[0]["lr"] == pytest.approx(peak)  # no warmup
-    assert cc[-1]["lr"] < 0.5 * peak  # cooled down
-    assert legacy[0]["lr"] < 0.5 * max(r["lr"] for r in legacy)  # warmup
-    assert legacy[-1]["lr"] < 0.5 * max(r["lr"] for r in legacy)
+    assert peak == pytest.approx(lr_at_load, rel=1e-6)
+    assert cc[len(cc) // 2]["lr"] == pytest.approx(peak, rel=1e-6)  # constant before the cooldown
+    assert cc[-1]["lr"] < 0.5 * peak  # cooled down at its end
+    legacy_peak = max(r["lr"] for r in legacy)
+    assert legacy[0]["lr"] < 0.05 * legacy_peak  # warms up from ~0
+    assert legacy[-1]["lr"] < 0.5 * legacy_peak
 
 
 @pytest.mark.slow
-def test_universal_round_trip_and_exports(demo_run):
-    """The imported legacy model has exactly the pretrained params; the CPT results exist as
-    Megatron universal checkpoints and HF folders with the tokenizer."""
+def test_universal_round_trips_and_exports(demo_run):
+    """Each CPT run, loading a universal checkpoint, starts from exactly the params of the model
+    that was exported (its SAVE/converted_init); the CPT results exist as Megatron universal
+    checkpoints and HF folders with the tokenizer."""
     from agpt_jax import init_checkpoint as ic
 
-    out, _, _ = demo_run
-    a = ic.restore_params(os.path.join(out, "runs", "pretrain"))
-    b = ic.restore_params(os.path.join(out, "checkpoints", "legacy_pretrained"))
-    flat_a = {"/".join(map(str, k)): v for k, v in _flatten(a)}
-    flat_b = {"/".join(map(str, k)): v for k, v in _flatten(b)}
-    assert flat_a.keys() == flat_b.keys()
-    for k in flat_a:
-        np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+    out, _, summary = demo_run
+    for source, run in ((_run(out, "pretrain_cosine"), "legacy"),
+                        (summary["phase1_checkpoint"]["dir"], "constant_cooldown")):
+        a = dict(_flatten(ic.restore_params(source)))
+        b = dict(_flatten(ic.restore_params(os.path.join(_run(out, run), "converted_init"))))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{run}: {k}")
     for name in ("legacy", "constant_cooldown"):
         assert os.path.isfile(os.path.join(out, "megatron", name, "latest_universal"))
         hf = os.path.join(out, "hf", name)
@@ -116,8 +169,8 @@ def test_universal_round_trip_and_exports(demo_run):
         assert cfg["vocab_size"] == 2048 and cfg["num_hidden_layers"] == 4
         assert os.path.isfile(os.path.join(hf, "model.safetensors"))
         assert any(f.startswith("tokenizer") for f in os.listdir(hf))
-    png = os.path.join(out, "cpt_runs.png")
-    assert os.path.getsize(png) > 30_000
+    for png in (summary["paths"]["plot"], summary["paths"]["pretrain_plot"]):
+        assert os.path.getsize(png) > 30_000
 
 
 def _flatten(tree, prefix=()):
@@ -125,7 +178,7 @@ def _flatten(tree, prefix=()):
         for k, v in tree.items():
             yield from _flatten(v, prefix + (k,))
     else:
-        yield prefix, np.asarray(tree)
+        yield "/".join(map(str, prefix)), np.asarray(tree)
 
 
 def test_out_folder_is_never_clobbered(tmp_path, capsys):
