@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from agpt_jax import hostmem
+from agpt_jax.paths import output_file_problem
 
 SPLITS = ("valid", "test", "train", "all")
 DTYPES = ("float32", "bfloat16")
@@ -409,18 +410,6 @@ class RunFailedError(RuntimeError):
     """A failure while evaluating (not the input's fault): the platform, a failed write."""
 
 
-def _output_problem(path: str) -> str | None:
-    """Why `path` cannot be written as a file (a folder, or under a file), or None."""
-    if os.path.isdir(path):
-        return "is a folder; pass the file to write"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file, not a folder"
-    return None
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if args.data_file_list is None and args.tokens is None:
         raise EvaluateError("pass --data-file-list (loss per corpus) or --tokens (logits)")
@@ -437,7 +426,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise EvaluateError(f"--{name.replace('_', '-')} {value} must be >= 1")
     for flag, path in (("--save-logits", args.save_logits), ("--json", args.json)):
-        problem = path and _output_problem(path)
+        problem = path and output_file_problem(path)
         if problem:
             raise EvaluateError(f"{flag} {path}: {problem}")
 

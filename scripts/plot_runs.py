@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from agpt_jax.paths import output_file_problem
+
 METRICS_FILE = "metrics.jsonl"
 _CORPUS_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 _CORPUS_MARKERS = ("s", "^", "D", "v", "P")
@@ -315,18 +317,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _out_problem(out_png: str) -> str | None:
-    """Why `out_png` cannot be written (a folder, or under a file), or None."""
-    if os.path.isdir(out_png):
-        return "is a folder; pass the PNG file to write"
-    parent = os.path.dirname(os.path.abspath(out_png))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file, not a folder; choose another --out"
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smooth < 1:
@@ -341,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    problem = _out_problem(args.out)
+    problem = output_file_problem(args.out)
     if problem:
         print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
         return 2

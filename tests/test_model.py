@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 
 from agpt_jax import model as model_lib
-from torch_reference import torch, transformers
+from torch_reference import llama_config, torch, transformers
 
 
 def _hf_model(cfg: model_lib.GPTConfig, seed: int = 0):
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False,
-        mlp_bias=False, initializer_range=0.05, attn_implementation="eager")
+    hf_cfg = llama_config(cfg, initializer_range=0.05)
     hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     with torch.no_grad():  # HF initialises norms to one; random norms exercise the scale too
         for name, p in hf.named_parameters():

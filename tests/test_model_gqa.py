@@ -27,7 +27,14 @@ from agpt_jax import model as model_lib
 from converters import megatron_layout as ml
 from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
 from converters import universal as uv
-from torch_reference import torch, transformers
+from torch_reference import llama_config, torch, transformers
+
+# tests/converters/universal_writer.py (not on this folder's import path): its with_shape.
+_spec = importlib.util.spec_from_file_location(
+    "universal_writer", pathlib.Path(__file__).parent / "converters" / "universal_writer.py")
+_writer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_writer)
+with_shape = _writer.with_shape
 
 pytestmark = pytest.mark.torch
 
@@ -79,13 +86,7 @@ def _random_params(cfg: model_lib.GPTConfig, seed: int) -> dict[tuple[str, ...],
 
 
 def _hf_llama(cfg: model_lib.GPTConfig, state: dict[str, np.ndarray]):
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False,
-        mlp_bias=False, attn_implementation="eager")
+    hf_cfg = llama_config(cfg)
     model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
                           strict=True)
@@ -127,28 +128,11 @@ def test_logits_match_hf_llama_at_32_over_8_heads():
 # The fused g = 4 QKV through a universal checkpoint.
 
 
-def _writer_module(name: str, **dims):
-    """A private copy of tests/converters/universal_writer.py with other shape constants.
-
-    The writer reads its shape from module constants (L, H, NQ, NKV, D, F, V, VPAD, SEQ); a
-    separate module object keeps the change away from the tests importing the shared one.
-    """
-    path = pathlib.Path(__file__).parent / "converters" / "universal_writer.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for key, value in dims.items():
-        assert hasattr(module, key), key
-        setattr(module, key, value)
-    module.D = module.H // module.NQ
-    return module
-
-
 @pytest.fixture(scope="module")
 def g4_universal(tmp_path_factory):
     """A 2-layer universal checkpoint with 32 query / 8 kv heads, and the writer's tensors."""
     work = tmp_path_factory.mktemp("gqa")
-    wr = _writer_module("_universal_writer_gqa", L=2, H=NQ * D, NQ=NQ, NKV=NKV, F=200, V=100,
+    wr = with_shape("_universal_writer_gqa", L=2, H=NQ * D, NQ=NQ, NKV=NKV, F=200, V=100,
                         VPAD=112, SEQ=16)
     assert wr.D == D
     src = str(work / "src")

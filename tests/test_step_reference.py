@@ -30,7 +30,7 @@ from agpt_jax import optim
 from agpt_jax import runtime
 from agpt_jax import train
 from converters.orbax_to_hf import hf_tensors
-from torch_reference import torch, transformers
+from torch_reference import llama_config, torch, transformers
 
 pytestmark = pytest.mark.torch
 
@@ -89,14 +89,7 @@ def _by_hf_name(tree) -> dict[str, np.ndarray]:
 
 
 def _torch_model(hf_weights: dict[str, np.ndarray]):
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=CFG.padded_vocab_size, hidden_size=CFG.hidden_size,
-        intermediate_size=CFG.ffn_hidden_size, num_hidden_layers=CFG.num_layers,
-        num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_kv_heads,
-        head_dim=CFG.head_dim, max_position_embeddings=CFG.seq_length,
-        rms_norm_eps=CFG.norm_eps, rope_theta=CFG.rope_theta, hidden_act="silu",
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-        attn_implementation="eager")
+    hf_cfg = llama_config(CFG)
     model = transformers.LlamaForCausalLM(hf_cfg).float()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in hf_weights.items()},
                           strict=True)

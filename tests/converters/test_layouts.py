@@ -16,9 +16,7 @@ file to come back bit-exact.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -28,6 +26,7 @@ from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import orbax_to_universal, pt_archive, universal_to_orbax
 from converters import universal as uv
+from universal_writer import with_shape
 
 TILE = 256
 HEAD_DIM = 8
@@ -229,23 +228,6 @@ def test_output_layer_transpose_keeps_padded_columns_zero():
 # universal -> Orbax -> universal on a model wider than two tiles (needs torch to write)
 
 
-def _writer_module(name: str, **dims):
-    """A private copy of universal_writer.py with the given model shape constants.
-
-    The writer reads its shape from module constants (L, H, NQ, NKV, D, F, V, VPAD, SEQ); a
-    separate module object keeps the change away from the tests importing the shared one.
-    """
-    path = pathlib.Path(__file__).with_name("universal_writer.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for key, value in dims.items():
-        assert hasattr(module, key), key
-        setattr(module, key, value)
-    module.D = module.H // module.NQ
-    return module
-
-
 WIDE = dict(L=1, H=HIDDEN, NQ=40, NKV=10, F=FFN, V=VOCAB, VPAD=816, SEQ=16)  # D = 20, g = 4
 
 
@@ -254,7 +236,7 @@ def test_wide_universal_round_trip_is_bit_exact(tmp_path):
     """universal -> Orbax -> universal on hidden 800, ffn 805, vocab 805 (816): every fp32 /
     exp_avg / exp_avg_sq file comes back bit-exact, and the Orbax kernels equal numpy's
     transposes of the writer's Megatron tensors (spec §4.1-4.3)."""
-    wr = _writer_module("_universal_writer_wide", **WIDE)
+    wr = with_shape("_universal_writer_wide", **WIDE)
     src = str(tmp_path / "src")
     fx = wr.write_universal_fixture(src, seed=5)
     meg, moments = fx["megatron"], fx["moments"]

@@ -265,6 +265,22 @@ def write_committed_fixture(root: str) -> None:
              hf_logits=hf_reference_logits(fx["hf"], tokens))
 
 
+
+def with_shape(name: str, **dims):
+    """A private copy of this module with other model shape constants (L, H, NQ, NKV, F, V,
+    VPAD, SEQ; D follows from H // NQ); a separate module object keeps the change away from the
+    tests that import the shared one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, __file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key, value in dims.items():
+        assert hasattr(module, key), key
+        setattr(module, key, value)
+    module.D = module.H // module.NQ
+    return module
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to create (must not exist)")
