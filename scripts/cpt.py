@@ -68,6 +68,11 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _collective_failed(e: Exception) -> int:
+    return _fail(f"a collective with the other processes failed ({str(e)[:300]}); another "
+                 "process of the job probably died", code=EXIT_FAILURE)
+
+
 def _rt_started(runtime) -> bool:
     """Whether agpt_jax.runtime.initialize() has returned in this process."""
     return runtime._runtime is not None
@@ -160,14 +165,18 @@ def _main() -> int:
     except CheckpointWriteError as e:  # disk full or I/O error while saving: a run failure
         return _fail(str(e), code=EXIT_FAILURE)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
-        # megatron_flags.FlagError is a ValueError.
+        # megatron_flags.FlagError is a ValueError. jax 0.11 reports a collective that lost its
+        # peer (Gloo) as a plain ValueError: in a job of several processes that is a failure of
+        # the job, not bad input.
+        if (type(e) is ValueError and _rt_started(runtime)
+                and runtime._runtime.process_count > 1):
+            return _collective_failed(e)
         return _fail(str(e))
     except loop.NonFiniteError as e:
         return _fail(str(e), code=EXIT_FAILURE)
     except RuntimeError as e:
         if _rt_started(runtime) and runtime._runtime.process_count > 1:
-            return _fail(f"a collective with the other processes failed ({str(e)[:300]}); "
-                         "another process of the job probably died", code=EXIT_FAILURE)
+            return _collective_failed(e)
         raise
     if rt.is_main_process:
         how = "stopped by signal" if result.stopped_by_signal else "done"
