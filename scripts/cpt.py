@@ -69,8 +69,10 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _collective_failed(e: Exception) -> int:
-    return _fail(f"a collective with the other processes failed ({str(e)[:300]}); another "
-                 "process of the job probably died", code=EXIT_FAILURE)
+    why = ("another process did not join in time (it was too slow or died)"
+           if "DEADLINE_EXCEEDED" in str(e) else "another process of the job probably died")
+    return _fail(f"a collective with the other processes failed ({str(e)[:300]}); {why}",
+                 code=EXIT_FAILURE)
 
 
 def _rt_started(runtime) -> bool:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -340,28 +341,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(data, pretrained, tmp_path):
-    # The same run as the `pretrained` fixture (1 process x 8 devices), as 2 processes x 4.
-    single = pretrained[0]
-    double = str(tmp_path / "two")
+_GLOO_JOIN_TIMEOUT = "Gloo context initialization failed: DEADLINE_EXCEEDED"
+
+
+def _run_two_processes(args: list[str]) -> tuple[list[int], list[str]]:
+    """Runs the smoke pretrain as 2 processes x 4 CPU devices; (exit codes, stderr texts)."""
     port = _free_port()
-    args = [f"--config.data_file_list={data['web']}", f"--config.save={double}",
-            "--config.train_iters=6", "--config.progress_bar=False"]
     procs = [subprocess.Popen(
         [sys.executable, CPT, "--config", "configs/pretrain.py:smoke",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          *args], cwd=ROOT, env=_child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]
-    outs = []
+    errs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=300))
+            errs.append(p.communicate(timeout=300)[1])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    return [p.returncode for p in procs], errs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(data, pretrained, tmp_path):
+    # The same run as the `pretrained` fixture (1 process x 8 devices), as 2 processes x 4.
+    single = pretrained[0]
+    double = str(tmp_path / "two")
+    args = [f"--config.data_file_list={data['web']}", f"--config.save={double}",
+            "--config.train_iters=6", "--config.progress_bar=False"]
+    for attempt in range(2):
+        shutil.rmtree(double, ignore_errors=True)
+        codes, errs = _run_two_processes(args)
+        # XLA's CPU client gives gloo 30 s (not configurable) for every device of the job to join a
+        # new collective. Two processes of 4 devices on the 2-core test machine under a parallel
+        # test load have missed that once in ~20 runs: both fail with this message before any
+        # value is compared. That is the machine, not the run; one retry, never more.
+        if attempt == 0 and codes == [1, 1] and all(_GLOO_JOIN_TIMEOUT in e for e in errs):
+            continue
+        break
+    assert codes == [0, 0], [e[-2000:] for e in errs]
     one = read_metrics(os.path.join(single, "metrics.jsonl"))
     two = read_metrics(os.path.join(double, "metrics.jsonl"))
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two]
