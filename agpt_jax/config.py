@@ -128,6 +128,8 @@ class CheckpointConfig:
         universal_checkpoint: Megatron's --universal-checkpoint: LOAD must be a DeepSpeed universal
             checkpoint (checked before anything runs); False detects the kind of LOAD.
         allow_cooled_down_source: constant_cooldown only: accept a source whose LR was decayed.
+        origin: the LOAD the user gave when the checkpoint border (converters.load) replaced it
+            by its conversion (a universal checkpoint); "" when `load` is what the user gave.
     """
 
     load: str
@@ -137,6 +139,7 @@ class CheckpointConfig:
     reset_iteration: bool
     allow_cooled_down_source: bool
     universal_checkpoint: bool = False
+    origin: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +197,7 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _name(key: str) -> str:
+def field_name(key: str) -> str:
     env = ENV_OF_KEY.get(key)
     return f"config.{key}" + (f" (env {' or '.join(env)})" if env else "")
 
@@ -203,7 +206,7 @@ def _model(c: Mapping[str, Any], problems: list[str]) -> model_lib.GPTConfig | N
     try:
         base = model_lib.get_preset(c["model"])
     except ValueError as e:
-        problems.append(f"{_name('model')}: {e}")
+        problems.append(f"{field_name('model')}: {e}")
         return None
     changes: dict[str, Any] = {"seq_length": int(c["seq_length"])}
     for key in ("compute_dtype", "attention", "remat"):
@@ -224,16 +227,16 @@ def _mesh(c: Mapping[str, Any], device_count: int,
     try:
         mesh = parse_mesh(c["mesh"]) if c["mesh"] else MeshConfig(data=1, fsdp=-1, tensor=tp)
     except ValueError as e:
-        problems.append(f"{_name('mesh')}: {e}")
+        problems.append(f"{field_name('mesh')}: {e}")
         return None, 0
     if c["mesh"] and mesh.tensor != tp and tp != 1:
-        problems.append(f"config.mesh={c['mesh']!r} has tensor={mesh.tensor} but {_name('tp')} "
+        problems.append(f"config.mesh={c['mesh']!r} has tensor={mesh.tensor} but {field_name('tp')} "
                         f"is {tp}; make them agree")
         return None, 0
     try:
         data, fsdp, _ = mesh.resolve(device_count)
     except ValueError as e:
-        problems.append(f"{_name('mesh')}={c['mesh'] or 'default'} on {device_count} devices: {e}")
+        problems.append(f"{field_name('mesh')}={c['mesh'] or 'default'} on {device_count} devices: {e}")
         return None, 0
     return mesh, data * fsdp
 
@@ -241,7 +244,7 @@ def _mesh(c: Mapping[str, Any], device_count: int,
 def _positive(c: Mapping[str, Any], keys: tuple[str, ...], problems: list[str]) -> None:
     for key in keys:
         if int(c[key]) < 1:
-            problems.append(f"{_name(key)}={c[key]} must be a positive integer")
+            problems.append(f"{field_name(key)}={c[key]} must be a positive integer")
 
 
 def from_config(config: Mapping[str, Any], device_count: int,
@@ -285,7 +288,7 @@ def from_config(config: Mapping[str, Any], device_count: int,
                 "stop_at_iteration",
                 "lr_warmup_iters", "lr_decay_iters", "cooldown_tokens"):
         if int(c[key]) < 0:
-            problems.append(f"{_name(key)}={c[key]} must be >= 0")
+            problems.append(f"{field_name(key)}={c[key]} must be >= 0")
     model = _model(c, problems)
     mesh, dp = _mesh(c, device_count, problems)
 
@@ -306,27 +309,23 @@ def from_config(config: Mapping[str, Any], device_count: int,
         problems.append(f"recipe pretrain starts from random weights but config.load={load!r}; "
                         "unset it, or use configs/legacy.py to continue a checkpoint")
     if load and check_paths and not os.path.exists(load):
-        problems.append(f"{_name('load')}={load!r} does not exist; give an existing checkpoint")
+        problems.append(f"{field_name('load')}={load!r} does not exist; give an existing checkpoint")
     elif c["universal_checkpoint"] and not load:
         problems.append("--universal-checkpoint (config.universal_checkpoint) needs LOAD: set "
                         "LOAD=<universal checkpoint root> or --config.load=<dir>")
-    elif c["universal_checkpoint"] and check_paths and not is_universal_checkpoint(load):
-        problems.append(f"--universal-checkpoint (config.universal_checkpoint): {_name('load')}="
-                        f"{load!r} is not a DeepSpeed universal checkpoint (no latest_universal "
-                        "file, and not a global_stepN_universal folder with "
-                        "mp_rank_00_model_states.pt and zero/); give the universal checkpoint, or "
-                        "drop --universal-checkpoint to load an agpt-jax checkpoint")
+    # Whether LOAD is the universal checkpoint --universal-checkpoint promises is checked at the
+    # checkpoint border (converters.load), which owns DeepSpeed's layout.
 
     # Batch arithmetic (spec §1.2: GLOBAL_BATCH = WORLD_SIZE * MICRO_BATCH * GRAD_ACC_STEPS / TP).
     batch = None
     micro, acc, want = int(c["micro_batch"]), int(c["grad_acc_steps"]), int(c["global_batch"])
     if dp and micro > 0 and acc == 0 and not want:
-        problems.append(f"{_name('grad_acc_steps')}=0 derives the accumulation steps from "
-                        f"{_name('global_batch')}, which is not set; set one of them")
+        problems.append(f"{field_name('grad_acc_steps')}=0 derives the accumulation steps from "
+                        f"{field_name('global_batch')}, which is not set; set one of them")
     elif dp and micro > 0 and acc == 0:
         # Megatron: num_micro_batches = global_batch_size // (micro_batch_size x data_parallel).
         if want % (micro * dp):
-            problems.append(f"{_name('global_batch')}={want} is not a multiple of micro_batch "
+            problems.append(f"{field_name('global_batch')}={want} is not a multiple of micro_batch "
                             f"{micro} x data-parallel size {dp} = {micro * dp}; choose a multiple "
                             "or set GRAD_ACC_STEPS")
         else:
@@ -337,7 +336,7 @@ def from_config(config: Mapping[str, Any], device_count: int,
         gbs = micro * acc * dp
         if want and want != gbs:
             problems.append(
-                f"{_name('global_batch')}={want} but micro_batch {micro} x grad_acc_steps {acc} "
+                f"{field_name('global_batch')}={want} but micro_batch {micro} x grad_acc_steps {acc} "
                 f"x data-parallel size {dp} = {gbs}; set GLOBAL_BATCH={gbs} (or 0), or change "
                 f"MICRO_BATCH / GRAD_ACC_STEPS")
         else:
@@ -355,15 +354,15 @@ def from_config(config: Mapping[str, Any], device_count: int,
             train_iters = int(c["cooldown_tokens"]) // seq // gbs
             what = f"config.cooldown_tokens={c['cooldown_tokens']}"
         elif int(c["train_tokens"]) and int(c["train_iters"]):
-            problems.append(f"both {_name('train_tokens')}={c['train_tokens']} and "
-                            f"{_name('train_iters')}={c['train_iters']} are set; set one to 0")
+            problems.append(f"both {field_name('train_tokens')}={c['train_tokens']} and "
+                            f"{field_name('train_iters')}={c['train_iters']} are set; set one to 0")
             what = ""
         elif int(c["train_tokens"]):
             train_iters = int(c["train_tokens"]) // seq // gbs
-            what = f"{_name('train_tokens')}={c['train_tokens']}"
+            what = f"{field_name('train_tokens')}={c['train_tokens']}"
         else:
             train_iters = int(c["train_iters"])
-            what = f"{_name('train_iters')}={c['train_iters']}"
+            what = f"{field_name('train_iters')}={c['train_iters']}"
         if what and train_iters < 1:
             problems.append(f"{what} gives {train_iters} iterations: one iteration takes SEQ "
                             f"{seq} x GLOBAL_BATCH {gbs} = {seq * gbs} tokens; train longer")
@@ -428,15 +427,20 @@ def from_config(config: Mapping[str, Any], device_count: int,
         platform=c["platform"], progress_bar=bool(c["progress_bar"]), notes=tuple(notes))
 
 
-def is_universal_checkpoint(path: str) -> bool:
-    """Whether `path` is a DeepSpeed universal checkpoint: a root with latest_universal, or a
-    global_stepN_universal folder (mp_rank_00_model_states.pt and zero/)."""
-    from converters import universal as uv
+# Fields of GPTConfig that must match between LOAD and the configured model.
+_MATCHED_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                   "vocab_size", "rope_theta", "norm_eps")
 
-    if os.path.isfile(os.path.join(path, uv.LATEST_UNIVERSAL)):
-        return True
-    return os.path.isfile(os.path.join(path, uv.MODEL_STATES)) and os.path.isdir(
-        os.path.join(path, uv.ZERO))
+
+def check_model(cfg: RunConfig, found: model_lib.GPTConfig, where: str) -> None:
+    """Raises ConfigError listing every shape field on which LOAD's model (`found`, read from
+    `where`) differs from the configured one."""
+    diffs = [f"{f}: checkpoint {getattr(found, f)} vs config {getattr(cfg.model, f)}"
+             for f in _MATCHED_FIELDS if getattr(found, f) != getattr(cfg.model, f)]
+    if diffs:
+        raise ConfigError([f"LOAD {where} holds another model than config.model="
+                           f"{cfg.scale}: {d}; load a checkpoint of this model size or choose "
+                           "the config scale that matches it" for d in diffs])
 
 
 def describe(cfg: RunConfig) -> str:

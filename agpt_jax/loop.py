@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -34,8 +33,7 @@ from agpt_jax import init_checkpoint as ic
 from agpt_jax import metrics as metrics_lib
 from agpt_jax import optim
 from agpt_jax import train as train_lib
-from agpt_jax.config import (ConfigError, RunConfig, describe, is_universal_checkpoint,
-                             write_config_json)
+from agpt_jax.config import ConfigError, RunConfig, check_model, describe, write_config_json
 from agpt_jax.data import BlendConfig, build_blended_splits, make_batch_iterator, read_file_list
 from agpt_jax.data.indexed import IndexedDataset
 from agpt_jax.data.samples import num_epochs_for, parse_split
@@ -43,10 +41,6 @@ from agpt_jax.runtime import Runtime, make_mesh
 
 PyTree = Any
 
-CONVERTED_INIT = "converted_init"
-# Fields of GPTConfig that must match between LOAD and the configured model.
-_MATCHED_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                   "vocab_size", "rope_theta", "norm_eps")
 # constant_cooldown refuses a source whose LR is below this share of the configured LR.
 COOLED_DOWN_RATIO = 0.9
 
@@ -157,8 +151,11 @@ def _data_summary(cfg: RunConfig, start_iteration: int = 0) -> list[str]:
     return lines
 
 
-def dry_run(cfg: RunConfig, rt: Runtime) -> DryRunReport:
+def dry_run(cfg: RunConfig, rt: Runtime, load_description: str | None = None) -> DryRunReport:
     """Checks every input, writes config.json and the LR schedule (CSV, PNG), returns a summary.
+
+    `load_description` is the summary's line on LOAD (converters.load.describe, which also
+    knows universal checkpoints); without it LOAD must be an agpt-jax checkpoint.
 
     Raises:
         DataError: the DATA_FILE_LIST or a file in it is missing or malformed (names the file).
@@ -167,7 +164,7 @@ def dry_run(cfg: RunConfig, rt: Runtime) -> DryRunReport:
     lines = [describe(cfg)]
     lines += _data_summary(cfg)
     if cfg.checkpoint.load:
-        lines.append(f"load: {_describe_source(cfg.checkpoint.load)}")
+        lines.append(f"load: {load_description or _describe_source(cfg.checkpoint.load)}")
     _prepare_run_dir(cfg, rt)
     csv_path = os.path.join(cfg.run_dir, "lr_schedule.csv")
     png_path = os.path.join(cfg.run_dir, "lr_schedule.png")
@@ -179,54 +176,15 @@ def dry_run(cfg: RunConfig, rt: Runtime) -> DryRunReport:
 # Sources.
 
 
-def _is_universal(path: str) -> bool:
-    return is_universal_checkpoint(path)
-
-
 def _describe_source(load: str) -> str:
-    if _is_universal(load):
-        return f"{load}: DeepSpeed universal checkpoint (converted on the fly)"
     directory = ic.resolve_checkpoint_dir(load)
     ic.read_metadata(directory)
     return f"{directory}: agpt-jax checkpoint" + (
         " with Adam state" if ic.has_adam(directory) else " (params only)")
 
 
-def _source_dir(cfg: RunConfig, rt: Runtime) -> str:
-    """The agpt-jax checkpoint directory of LOAD, converting a universal checkpoint once."""
-    load = cfg.checkpoint.load
-    if not _is_universal(load):
-        return ic.resolve_checkpoint_dir(load)
-    dst = os.path.join(cfg.run_dir, CONVERTED_INIT)
-    if rt.is_main_process and not os.path.isfile(os.path.join(dst, "_CHECKPOINT_METADATA")):
-        from converters import universal_to_orbax
-
-        if os.path.exists(dst):
-            raise ic.CheckpointError(f"{dst}: an unfinished conversion is in the way; delete it "
-                                     "and start again")
-        from converters import universal as uv
-
-        # A checkpoint of another model size fails here, before anything is written.
-        _check_model(cfg, uv.open_universal(load).config, load)
-        logging.info("converting universal checkpoint %s -> %s", load, dst)
-        universal_to_orbax.convert(load, dst, universal_to_orbax.ConvertOptions(
-            optimizer_state=cfg.checkpoint.load_optimizer_state))
-    if rt.process_count > 1:
-        multihost_utils.sync_global_devices("agpt_jax converted_init")
-    return ic.resolve_checkpoint_dir(dst)
-
-
-def _check_model(cfg: RunConfig, found, where: str) -> None:
-    diffs = [f"{f}: checkpoint {getattr(found, f)} vs config {getattr(cfg.model, f)}"
-             for f in _MATCHED_FIELDS if getattr(found, f) != getattr(cfg.model, f)]
-    if diffs:
-        raise ConfigError([f"LOAD {where} holds another model than config.model="
-                           f"{cfg.scale}: {d}; load a checkpoint of this model size or choose "
-                           "the config scale that matches it" for d in diffs])
-
-
 def _check_source_model(cfg: RunConfig, directory: str) -> None:
-    _check_model(cfg, ic.model_config(directory), directory)
+    check_model(cfg, ic.model_config(directory), directory)
 
 
 def _source_lr(meta: dict[str, Any], progress: ckpt_lib.TrainProgress | None) -> float | None:
@@ -252,7 +210,7 @@ def _check_not_cooled_down(cfg: RunConfig, directory: str, meta: dict[str, Any],
 
 def _check_source(cfg: RunConfig, rt: Runtime) -> str:
     """LOAD's checkpoint directory, after checking its model and (constant_cooldown) its LR."""
-    directory = _source_dir(cfg, rt)
+    directory = ic.resolve_checkpoint_dir(cfg.checkpoint.load)
     _check_source_model(cfg, directory)
     _check_not_cooled_down(cfg, directory, ic.read_metadata(directory),
                            ckpt_lib.read_progress(directory))
@@ -266,18 +224,6 @@ def _check_source(cfg: RunConfig, rt: Runtime) -> str:
 def _adam_target(trainer: train_lib.CompiledTrainer) -> dict[str, PyTree]:
     adam = trainer.abstract_state.opt_state["adam"]
     return {"mu": adam.mu, "nu": adam.nu, "count": adam.count}
-
-
-def _install_fn(trainer: train_lib.CompiledTrainer):
-    """jit: (fresh state, params, mu, nu, adam count, schedule count, step) -> placed TrainState."""
-
-    def install(state, params, mu, nu, adam_count, sched_count, step):
-        opt = optim.replace_adam_state(state.opt_state, adam_count, mu, nu)
-        opt = optim.replace_schedule_count(opt, sched_count)
-        return train_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                                    opt_state=opt)
-
-    return jax.jit(install, out_shardings=trainer.state_shardings, donate_argnums=(0,))
 
 
 def _param_groups(cfg: RunConfig, source_groups: list[dict[str, Any]] | None,
@@ -328,7 +274,7 @@ def _metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: int, adam_
     meta = {k: source_meta[k] for k in keep if k in source_meta}
     meta.update({
         "format": ic.FORMAT, "format_version": ic.FORMAT_VERSION, "created_by": "agpt_jax.loop",
-        "source": cfg.checkpoint.load or None, "iteration": iteration, "adam_step": adam_step,
+        "source": cfg.checkpoint.origin or cfg.checkpoint.load or None, "iteration": iteration, "adam_step": adam_step,
         "has_optimizer_state": True, "model": dataclasses.asdict(cfg.model),
         "original_vocab_size": cfg.model.vocab_size,
         "padded_vocab_size": cfg.model.padded_vocab_size,
@@ -354,34 +300,34 @@ def _initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrain
                    ckptr: ckpt_lib.RunCheckpointer, corpora: list[str]) -> _Start:
     rng = jax.random.PRNGKey(cfg.data.seed)
     rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
-    fresh = trainer.init(rng)
-    install = _install_fn(trainer)
+    # Restored arrays land in their sharded layout (the abstract targets carry the shardings)
+    # and `assemble` donates them into the TrainState: nothing is initialised to be overwritten.
     newest = ckptr.restore_newest(trainer.abstract_state.params, _adam_target(trainer))
     if newest is not None:
         latest, r = newest
         logging.info("resuming from %s", ckptr.step_dir(latest))
         p = r.progress
-        state = install(fresh, r.params, r.adam["mu"], r.adam["nu"], r.adam["count"],
-                        p.schedule_count, p.iteration)
+        state = trainer.assemble(r.params, (r.adam["count"], r.adam["mu"], r.adam["nu"]),
+                                 p.schedule_count, p.iteration)
         source_meta = {k: v for k, v in r.metadata.items() if k != "run_config"}
         return _Start(state, p, r.data_state, source_meta, True)
     zero_tokens = {c: 0 for c in corpora}
     if not cfg.checkpoint.load:
         logging.info("random init from seed %d", cfg.data.seed)
         progress = ckpt_lib.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
-        return _Start(fresh, progress, None, {}, False)
+        return _Start(trainer.init(rng), progress, None, {}, False)
 
     directory = _check_source(cfg, rt)
     meta = ic.read_metadata(directory)
     src_progress = ckpt_lib.read_progress(directory)
     logging.info("loading %s", directory)
     params = ic.restore_params(directory, trainer.abstract_state.params)
-    adam = fresh.opt_state["adam"]
-    mu, nu, count = adam.mu, adam.nu, 0
+    adam = None  # fresh moments and step 0
     if cfg.checkpoint.load_optimizer_state:
         if ic.has_adam(directory):
             a = ic.restore_adam(directory, _adam_target(trainer))
-            mu, nu, count = a["mu"], a["nu"], a["count"]
+            adam = (a["count"], a["mu"], a["nu"])
+            count = a["count"]
             logging.info("loaded Adam moments and step %d (Megatron's universal load does, "
                          "spec §2.6)", int(np.asarray(count)))
         else:
@@ -398,7 +344,7 @@ def _initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrain
     if cfg.recipe == "cooldown" and src_progress is not None:
         # The branch continues its source's data stream.
         data_start = src_progress.data_start_iteration + src_progress.iteration
-    state = install(fresh, params, mu, nu, count, start_iter, start_iter)
+    state = trainer.assemble(params, adam, start_iter, start_iter)
     progress = ckpt_lib.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
     return _Start(state, progress, None, meta, False)
 
@@ -491,12 +437,24 @@ def _trainer(cfg: RunConfig, rt: Runtime) -> train_lib.CompiledTrainer:
     return _TRAINERS[key]
 
 
-def _has_complete_step(run_dir: str) -> bool:
+def has_complete_step(run_dir: str) -> bool:
     """Whether run_dir/checkpoints holds a complete step (read without creating anything)."""
     directory = os.path.join(run_dir, ic.CHECKPOINTS_SUBDIR)
     return os.path.isdir(directory) and any(
         n.isdigit() and os.path.isfile(os.path.join(directory, n, "_CHECKPOINT_METADATA"))
         for n in os.listdir(directory))
+
+
+def check_inputs(cfg: RunConfig) -> list:
+    """The DATA_FILE_LIST's entries, after opening and validating every .idx/.bin pair in it.
+
+    Raises:
+        DataError: a list or a file in it is missing or malformed (names the file).
+    """
+    entries = read_file_list(cfg.data.file_list, check_files=True)
+    for e in entries:
+        IndexedDataset(e.prefix)
+    return entries
 
 
 def run(cfg: RunConfig, rt: Runtime) -> RunResult:
@@ -507,17 +465,9 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
         NonFiniteError: `max_skipped_in_a_row` non-finite updates in a row.
     """
     # Every input is checked before the run directory is touched: bad input changes no file.
-    entries = read_file_list(cfg.data.file_list, check_files=True)
-    for e in entries:
-        IndexedDataset(e.prefix)  # opens and validates the .idx/.bin pair (names the file)
-    if cfg.checkpoint.load and not _has_complete_step(cfg.run_dir):
-        if _is_universal(cfg.checkpoint.load):
-            from converters import universal as uv
-
-            _check_model(cfg, uv.open_universal(cfg.checkpoint.load).config,
-                         cfg.checkpoint.load)
-        else:
-            _check_source(cfg, rt)
+    entries = check_inputs(cfg)
+    if cfg.checkpoint.load and not has_complete_step(cfg.run_dir):
+        _check_source(cfg, rt)
     _prepare_run_dir(cfg, rt)
     corpora = sorted({e.corpus for e in entries})
     # On CPU Orbax's device-to-host "copy" is a view of the donated state (agpt_jax.checkpoint).

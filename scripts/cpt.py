@@ -117,6 +117,7 @@ def _main() -> int:
     from agpt_jax.data import DataError
     from agpt_jax.checkpoint import CheckpointWriteError
     from agpt_jax.init_checkpoint import CheckpointError
+    from converters import load
 
     if _CONFIG.value is None:
         return _fail("--config is required, e.g. --config configs/legacy.py:demo")
@@ -140,9 +141,9 @@ def _main() -> int:
         logging.info("runtime: %s", rt.describe())
         world, notes = rt.device_count, []
         if _DRY_RUN.value:
-            world, hosts, source = runtime.target_world_size(os.environ, _WORLD_SIZE.value,
-                                                             rt.device_count)
-            notes.append(f"dry run: world size {world} from {source}")
+            world, hosts, counted = runtime.target_world_size(os.environ, _WORLD_SIZE.value,
+                                                              rt.device_count)
+            notes.append(f"dry run: world size {world} from {counted}")
             notes += _aurora_grad_acc_note(hosts, explicit)
         cfg = config_lib.from_config(cd, world)
         where = megatron_flags.sources(cd, recipe_defaults, env_values, config_lib.ENV_OF_KEY,
@@ -151,8 +152,12 @@ def _main() -> int:
         cfg = dataclasses.replace(cfg, notes=cfg.notes + tuple(notes))
         if rt.is_main_process:
             print(config_lib.describe(cfg), flush=True)
+        # The checkpoint border: from here on LOAD is an agpt-jax checkpoint (a universal LOAD
+        # is converted once into SAVE/converted_init; the dry run converts nothing).
+        cfg = load.prepare(cfg, rt, dry_run=_DRY_RUN.value)
         if _DRY_RUN.value:
-            report = loop.dry_run(cfg, rt)
+            described = load.describe(cfg.checkpoint.load) if cfg.checkpoint.load else None
+            report = loop.dry_run(cfg, rt, load_description=described)
             if rt.is_main_process:
                 print(report.summary.split("\n", len(config_lib.describe(cfg).splitlines()))[-1],
                       flush=True)

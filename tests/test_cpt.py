@@ -161,22 +161,24 @@ def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path)
 @pytest.mark.slow
 def test_universal_load_is_converted_once_and_continues_identically(rt, data, pretrained,
                                                                     tmp_path):
-    from converters import orbax_to_universal
+    from converters import load, orbax_to_universal
 
     universal = orbax_to_universal.convert(pretrained[0], str(tmp_path / "megatron"),
                                            progress=False)
     runs = {}
-    for name, load in (("orbax", pretrained[0]), ("universal", str(tmp_path / "megatron"))):
+    for name, src in (("orbax", pretrained[0]), ("universal", str(tmp_path / "megatron"))):
         runs[name] = str(tmp_path / name)
-        loop.run(make_cfg("legacy", data_file_list=data["mix"], load=load, save=runs[name],
-                          stop_at_iteration=2, **LEGACY), rt)
-    assert os.path.isfile(os.path.join(runs["universal"], loop.CONVERTED_INIT,
+        cfg = make_cfg("legacy", data_file_list=data["mix"], load=src, save=runs[name],
+                       stop_at_iteration=2, **LEGACY)
+        loop.run(load.prepare(cfg, rt), rt)  # the border, as scripts/cpt.py crosses it
+    assert os.path.isfile(os.path.join(runs["universal"], load.CONVERTED_INIT,
                                        "_CHECKPOINT_METADATA")), universal
-    assert not os.path.exists(os.path.join(runs["orbax"], loop.CONVERTED_INIT))
+    assert not os.path.exists(os.path.join(runs["orbax"], load.CONVERTED_INIT))
+    assert ic.read_metadata(runs["universal"])["source"] == str(tmp_path / "megatron")
     # The converted start equals the source on the real vocabulary; the padding rows come back
     # as zeros, as DeepSpeed pads vocabulary tensors on a universal load (spec §3.6).
     src = ic.restore_params(pretrained[0])
-    got = ic.restore_params(os.path.join(runs["universal"], loop.CONVERTED_INIT))
+    got = ic.restore_params(os.path.join(runs["universal"], load.CONVERTED_INIT))
     v = make_cfg("pretrain", data_file_list="x", save="x").model.vocab_size
     np.testing.assert_array_equal(got["embed"]["embedding"][:v], src["embed"]["embedding"][:v])
     np.testing.assert_array_equal(got["lm_head"]["kernel"][:, :v], src["lm_head"]["kernel"][:, :v])
