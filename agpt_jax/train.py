@@ -192,6 +192,10 @@ class CompiledTrainer:
 
     Attributes:
         init: rng -> TrainState, created directly in its sharded layout.
+        assemble: (params, adam, schedule count, step) -> TrainState from restored arrays, where
+            adam is (count, mu, nu) or None for fresh moments; params and moments are donated,
+            so the state is not allocated a second time (the optimizer's own init is traced and
+            its unused zeros are dropped by XLA).
         step: (TrainState, batch) -> (TrainState, metrics); the state argument is donated.
         evaluate: (params, batch) -> metrics.
         state_shardings: TrainState of NamedShardings.
@@ -201,6 +205,7 @@ class CompiledTrainer:
     """
 
     init: Callable[[jax.Array], TrainState]
+    assemble: Callable[..., TrainState]
     step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[PyTree, Batch], dict[str, jax.Array]]
     state_shardings: TrainState
@@ -253,6 +258,13 @@ def build_trainer(model_cfg: model_lib.GPTConfig, optim_cfg: optim.OptimConfig,
         params = nn.unbox(model_lib.init_params(model_cfg, rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+    def assemble(params, adam, sched_count, step) -> TrainState:
+        opt = tx.init(params)
+        if adam is not None:
+            opt = optim.replace_adam_state(opt, *adam)
+        opt = optim.replace_schedule_count(opt, sched_count)
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt)
+
     batch_sharding = sh.batch_sharding(mesh)
     batch_shardings = {"tokens": batch_sharding, "labels": batch_sharding}
     metric_shardings = {k: replicated for k in ("loss", "grad_norm", "lr", "update_norm",
@@ -270,6 +282,8 @@ def build_trainer(model_cfg: model_lib.GPTConfig, optim_cfg: optim.OptimConfig,
         out_shardings={"loss": replicated, "sequence_loss": sh.batch_sharding(mesh, 1)})
     return CompiledTrainer(
         init=jax.jit(init, out_shardings=state_shardings),
+        assemble=jax.jit(assemble, out_shardings=state_shardings,
+                         donate_argnums=(0, 1) if donate else ()),
         step=step, evaluate=evaluate, state_shardings=state_shardings,
         abstract_state=abstract_state, batch_sharding=batch_sharding, mesh=mesh)
 
