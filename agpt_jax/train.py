@@ -222,7 +222,7 @@ def build_trainer(model_cfg: model_lib.GPTConfig, optim_cfg: optim.OptimConfig,
     Args:
         model_cfg: the model.
         optim_cfg: AdamW and clipping.
-        schedule: LR schedule (optax count -> LR), see optim.make_schedule.
+        schedule: LR schedule (optax count -> LR), see schedules.make_schedule.
         step_cfg: global batch and gradient accumulation.
         mesh: a (data, fsdp, tensor) mesh.
         strategy: "fsdp" or "zero1" (see agpt_jax.sharding).

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from agpt_jax import optim
+from agpt_jax import schedules
 from torch_reference import torch
 
 L, H, HEADS, HEAD_DIM, F, V = 2, 16, 4, 4, 24, 40
@@ -119,11 +120,11 @@ def assert_close(jx: dict, ref: dict, what: str, rtol: float, atol: float) -> No
 @pytest.mark.torch
 def test_matches_torch_adamw_with_deepspeed_clipping_over_steps(cfg):
     """Params, moments, step and pre-clip norm match torch over 6 steps, clipping active, LR moving."""
-    sched_cfg = optim.ScheduleConfig(style="cosine", max_lr=3e-3, min_lr=3e-4, train_iters=8,
-                                     warmup_iters=2, init_lr=1e-3)
-    schedule = optim.make_schedule(sched_cfg)
+    sched_cfg = schedules.ScheduleConfig(style="cosine", max_lr=3e-3, min_lr=3e-4,
+                                         train_iters=8, warmup_iters=2, init_lr=1e-3)
+    schedule = schedules.make_schedule(sched_cfg)
     params, grads = make_params(), random_grads(6, scale=0.5)
-    lrs = optim.lr_at_iterations(sched_cfg, np.arange(6))
+    lrs = schedules.lr_at_iterations(sched_cfg, np.arange(6))
     assert len(set(np.round(lrs, 12))) == 6, "the LR must change every step"
     ref = torch_reference(params, grads, lrs, cfg)
     got, _ = run_jax(params, grads, optim.make_optimizer(cfg, schedule))
@@ -168,9 +169,9 @@ def test_cpt_load_continues_bias_correction_while_schedule_restarts():
     moments are loaded, the scheduler is fresh. The next update must equal torch's with that state.
     """
     cfg = optim.OptimConfig()
-    sched_cfg = optim.ScheduleConfig(style="cosine", max_lr=2e-4, train_iters=10, warmup_iters=2,
-                                     init_lr=5e-5)
-    schedule = optim.make_schedule(sched_cfg)
+    sched_cfg = schedules.ScheduleConfig(style="cosine", max_lr=2e-4, train_iters=10,
+                                         warmup_iters=2, init_lr=5e-5)
+    schedule = schedules.make_schedule(sched_cfg)
     params = make_params()
     tx = optim.make_optimizer(cfg, schedule)
     rng = np.random.default_rng(3)
@@ -183,7 +184,7 @@ def test_cpt_load_continues_bias_correction_while_schedule_restarts():
     state = optim.replace_schedule_count(state, 0)  # CPT: the schedule restarts
     np.testing.assert_allclose(float(optim.learning_rate(state, schedule)), 5e-5, rtol=1e-6)
     grads = random_grads(3, scale=0.5, seed=11)
-    lrs = optim.lr_at_iterations(sched_cfg, np.arange(3))
+    lrs = schedules.lr_at_iterations(sched_cfg, np.arange(3))
     ref = torch_reference(params, grads, lrs, cfg, init_state=(95600, flat(mu), flat(nu)))
     got, state = run_jax(params, grads, tx, state)
     assert int(optim.schedule_count(state)) == 3
@@ -225,8 +226,9 @@ def test_decay_applies_only_to_the_mask():
 
 def test_update_is_float32_and_has_no_host_callbacks():
     params = make_params()
-    tx = optim.make_optimizer(optim.OptimConfig(), optim.make_schedule(optim.ScheduleConfig(
-        train_iters=100, warmup_fraction=0.1)))
+    schedule = schedules.make_schedule(schedules.ScheduleConfig(train_iters=100,
+                                                                warmup_fraction=0.1))
+    tx = optim.make_optimizer(optim.OptimConfig(), schedule)
     state = tx.init(params)
     grads = jax.tree.map(lambda p: p.astype(jnp.bfloat16), random_grads(1, 0.5)[0])
     jaxpr = str(jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(grads, state, params))
@@ -271,8 +273,8 @@ def test_skipped_update_leaves_state_bit_identical_and_apply_true_changes_nothin
     """apply=False is an exact no-op even on non-finite grads, also as the very first update;
     apply=True is the plain update (to fp32 rounding: XLA may contract the two forms differently)."""
     cfg = optim.OptimConfig()
-    schedule = optim.make_schedule(optim.ScheduleConfig(style="constant", max_lr=1e-2, min_lr=1e-2,
-                                                        train_iters=10, global_batch_size=1))
+    schedule = schedules.make_schedule(schedules.ScheduleConfig(
+        style="constant", max_lr=1e-2, min_lr=1e-2, train_iters=10, global_batch_size=1))
     tx = optim.make_optimizer(cfg, schedule)
     params = jax.tree.map(jnp.asarray, make_params())
     grads = random_grads(3, scale=0.5)

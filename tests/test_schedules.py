@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from agpt_jax import optim
+from agpt_jax import schedules
 
 
-def megatron_get_lr(cfg: optim.ScheduleConfig, num_steps: int) -> float:
+def megatron_get_lr(cfg: schedules.ScheduleConfig, num_steps: int) -> float:
     """The scheduler's get_lr() at ``num_steps`` samples, written out from the spec in float64.
 
     megatron-deepspeed.md §2.1-2.3 (units, warmup/cosine/linear, constant plus 1-sqrt cooldown),
@@ -49,7 +49,7 @@ def megatron_get_lr(cfg: optim.ScheduleConfig, num_steps: int) -> float:
     if cfg.style in ("infinite-cosine", "infinite-inv-square-root"):
         const = cfg.constant_lr
         delta = max_lr - const
-        cooldown = cfg.cooldown_fraction * D
+        cooldown = cfg.infinite_cooldown_fraction * D
         constant = cfg.constant_fraction * D
         n_ = n - W
         if n_ <= cooldown:
@@ -91,7 +91,7 @@ def megatron_get_lr(cfg: optim.ScheduleConfig, num_steps: int) -> float:
     return min_lr + coeff * delta
 
 
-def reference_curve(cfg: optim.ScheduleConfig, iterations: np.ndarray) -> np.ndarray:
+def reference_curve(cfg: schedules.ScheduleConfig, iterations: np.ndarray) -> np.ndarray:
     """LR after k iterations: the scheduler stepped k times by GBS (spec §2.1)."""
     return np.array([megatron_get_lr(cfg, int(k) * cfg.global_batch_size) for k in iterations])
 
@@ -116,28 +116,29 @@ SPEC_TABLE = {
 
 @pytest.mark.parametrize("style,wsd_style", list(SPEC_TABLE))
 def test_spec_test_vectors(style, wsd_style):
-    cfg = optim.ScheduleConfig(style=style, max_lr=1e-3, min_lr=1e-4, train_iters=100,
-                               warmup_iters=10, wsd_decay_iters=20 if style == "WSD" else None,
-                               wsd_decay_style=wsd_style or "exponential")
+    cfg = schedules.ScheduleConfig(style=style, max_lr=1e-3, min_lr=1e-4, train_iters=100,
+                                   warmup_iters=10, wsd_decay_iters=20 if style == "WSD" else None,
+                                   wsd_decay_style=wsd_style or "exponential")
     expected = np.array(SPEC_TABLE[(style, wsd_style)])
     steps = np.array(SPEC_STEPS)
     # The table has 7 significant digits.
-    np.testing.assert_allclose(optim.lr_at_iterations(cfg, steps), expected, rtol=6e-7, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(jax.jit(optim.make_schedule(cfg))(steps)), expected,
+    np.testing.assert_allclose(schedules.lr_at_iterations(cfg, steps), expected, rtol=6e-7,
+                               atol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.jit(schedules.make_schedule(cfg))(steps)), expected,
                                rtol=1e-6, atol=1e-12)
 
 
-def _sweep_configs() -> list[optim.ScheduleConfig]:
+def _sweep_configs() -> list[schedules.ScheduleConfig]:
     """Every style, GBS 7, a warmup fraction that ends mid-iteration, a few hundred iterations."""
-    base = optim.ScheduleConfig(max_lr=3e-4, min_lr=3e-5, train_iters=300, warmup_fraction=0.037,
-                                global_batch_size=7)
+    base = schedules.ScheduleConfig(max_lr=3e-4, min_lr=3e-5, train_iters=300,
+                                    warmup_fraction=0.037, global_batch_size=7)
     cfgs = [dataclasses.replace(base, style=s)
             for s in ("constant", "linear", "cosine", "inverse-square-root")]
     cfgs += [dataclasses.replace(base, style="constant", constant_plus_cooldown=True, cooldown_frac=f)
              for f in (0.05, 0.2 + 1 / 7000, 0.5)]
     cfgs += [dataclasses.replace(base, style="WSD", wsd_decay_iters=61, wsd_decay_style=w)
-             for w in optim.WSD_DECAY_STYLES]
-    cfgs += [dataclasses.replace(base, style=s, constant_lr=1.65e-4, cooldown_fraction=0.45,
+             for w in schedules.WSD_DECAY_STYLES]
+    cfgs += [dataclasses.replace(base, style=s, constant_lr=1.65e-4, infinite_cooldown_fraction=0.45,
                                  constant_fraction=c, timescale=t)
              for s in ("infinite-cosine", "infinite-inv-square-root")
              for c, t in ((0.1, 10.0), (0.001, 3.0))]
@@ -159,10 +160,10 @@ def test_formulas_at_every_iteration(cfg):
     iterations = np.arange(0, cfg.train_iters + 25)
     expected = reference_curve(cfg, iterations)
     # float64 on the host: the same numbers as Megatron's float64 arithmetic.
-    np.testing.assert_allclose(optim.lr_at_iterations(cfg, iterations), expected, rtol=1e-11,
+    np.testing.assert_allclose(schedules.lr_at_iterations(cfg, iterations), expected, rtol=1e-11,
                                atol=1e-18)
     # float32 under jit, one compiled call per count as the optimizer does.
-    schedule = jax.jit(optim.make_schedule(cfg))
+    schedule = jax.jit(schedules.make_schedule(cfg))
     got = np.array([float(schedule(jnp.int32(k))) for k in iterations[::17]])
     np.testing.assert_allclose(got, expected[::17], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(schedule(jnp.asarray(iterations, jnp.int32))), expected,
@@ -175,22 +176,22 @@ def test_sweep_exercises_fractional_warmup_and_every_phase():
     warmup_samples = 0.037 * 300 * 7
     assert warmup_samples % 7 != 0
     k_last_warm = math.floor(warmup_samples / 7)
-    lr = optim.lr_at_iterations(cfg, np.arange(0, 320))
+    lr = schedules.lr_at_iterations(cfg, np.arange(0, 320))
     # Warmup is still linear at the last iteration whose samples are <= W, decay right after.
     np.testing.assert_allclose(lr[k_last_warm], cfg.max_lr * k_last_warm * 7 / warmup_samples,
                                rtol=1e-12)
     assert lr[k_last_warm + 1] < cfg.max_lr and lr[k_last_warm + 1] > lr[k_last_warm]
     for c in _sweep_configs():
         if c.style != "constant" or c.constant_plus_cooldown:
-            curve = optim.lr_at_iterations(c, np.arange(0, c.train_iters + 2))
+            curve = schedules.lr_at_iterations(c, np.arange(0, c.train_iters + 2))
             assert curve[-1] == c.min_lr and curve.max() == pytest.approx(c.max_lr, rel=0.05)
 
 
 def test_schedule_count_is_the_iterations_completed():
     """Update with optax count k (Megatron iteration k + 1) uses get_lr() at k * GBS samples."""
-    cfg = optim.ScheduleConfig(style="cosine", max_lr=1e-3, train_iters=50, warmup_fraction=0.1,
-                               global_batch_size=3)
-    schedule = optim.make_schedule(cfg)
+    cfg = schedules.ScheduleConfig(style="cosine", max_lr=1e-3, train_iters=50, warmup_fraction=0.1,
+                                   global_batch_size=3)
+    schedule = schedules.make_schedule(cfg)
     assert float(schedule(0)) == 0.0  # Megatron's first iteration of a warmup has lr 0
     for k in (1, 4, 5, 6, 30, 49, 50, 51):
         np.testing.assert_allclose(float(schedule(k)), megatron_get_lr(cfg, 3 * k), rtol=1e-6)
@@ -203,13 +204,14 @@ def test_real_log_constant_plus_cooldown():
     logged at iteration 136004 are get_lr() after 136005 and 136004 iterations.
     """
     for gbs, warmup in ((1, 0.05), (3072, 0.05), (3072, 0.01)):
-        cfg = optim.ScheduleConfig(style="constant", constant_plus_cooldown=True, cooldown_frac=0.5,
-                                   max_lr=2e-4, min_lr=2e-5, train_iters=136100,
-                                   warmup_fraction=warmup, global_batch_size=gbs)
-        lr = optim.lr_at_iterations(cfg, np.array([136004, 136005]))
+        cfg = schedules.ScheduleConfig(style="constant", constant_plus_cooldown=True,
+                                       cooldown_frac=0.5, max_lr=2e-4, min_lr=2e-5,
+                                       train_iters=136100, warmup_fraction=warmup,
+                                       global_batch_size=gbs)
+        lr = schedules.lr_at_iterations(cfg, np.array([136004, 136005]))
         np.testing.assert_allclose(lr[1], 2.012568679e-05, rtol=1e-9)
         np.testing.assert_allclose(lr[0], 2.0127e-05, rtol=5e-5)
-        got = float(jax.jit(optim.make_schedule(cfg))(jnp.int32(136005)))
+        got = float(jax.jit(schedules.make_schedule(cfg))(jnp.int32(136005)))
         np.testing.assert_allclose(got, 2.012568679e-05, rtol=1e-6)
 
 
@@ -230,10 +232,10 @@ def test_matches_optax_recipes_where_they_apply():
                                                    [W, D - Wd])
     counts = jnp.arange(0, 121)
     for (style, wsd), recipe in recipes.items():
-        cfg = optim.ScheduleConfig(style=style, max_lr=mx, min_lr=mn, train_iters=D, warmup_iters=W,
-                                   wsd_decay_iters=Wd if wsd else None,
-                                   wsd_decay_style=wsd or "exponential")
-        np.testing.assert_allclose(np.asarray(jax.jit(optim.make_schedule(cfg))(counts)),
+        cfg = schedules.ScheduleConfig(style=style, max_lr=mx, min_lr=mn, train_iters=D,
+                                       warmup_iters=W, wsd_decay_iters=Wd if wsd else None,
+                                       wsd_decay_style=wsd or "exponential")
+        np.testing.assert_allclose(np.asarray(jax.jit(schedules.make_schedule(cfg))(counts)),
                                    np.asarray(jax.jit(recipe)(counts)), rtol=2e-6,
                                    err_msg=f"{style} {wsd}")
     # NeoX infinite cosine (N 1000, cooldown 60 %, constant 20 %) via join of optax primitives.
@@ -243,11 +245,11 @@ def test_matches_optax_recipes_where_they_apply():
         [optax.linear_schedule(0.0, mx, Tw), optax.cosine_decay_schedule(mx, Tcd, alpha=const / mx),
          optax.constant_schedule(const), optax.exponential_decay(const, N - Tw - Tcd - Tc, mn / const)],
         [Tw, Tw + Tcd, Tw + Tcd + Tc])
-    cfg = optim.ScheduleConfig(style="infinite-cosine", max_lr=mx, min_lr=mn, constant_lr=const,
-                               train_iters=N, warmup_iters=Tw, cooldown_fraction=0.6,
-                               constant_fraction=0.2)
+    cfg = schedules.ScheduleConfig(style="infinite-cosine", max_lr=mx, min_lr=mn, constant_lr=const,
+                                   train_iters=N, warmup_iters=Tw, infinite_cooldown_fraction=0.6,
+                                   constant_fraction=0.2)
     counts = jnp.arange(0, N + 1)
-    np.testing.assert_allclose(np.asarray(jax.jit(optim.make_schedule(cfg))(counts)),
+    np.testing.assert_allclose(np.asarray(jax.jit(schedules.make_schedule(cfg))(counts)),
                                np.asarray(jax.jit(recipe)(counts)), rtol=2e-6)
 
 
@@ -266,11 +268,11 @@ def test_bad_configs_name_the_field():
         (dict(global_batch_size=0), "global_batch_size"),
         (dict(style="infinite-cosine", min_lr=0.0), "min_lr"),
         (dict(style="infinite-cosine", min_lr=1e-5, constant_lr=3e-4), "constant_lr"),
-        (dict(style="infinite-inv-square-root", min_lr=1e-5, cooldown_fraction=0.0),
-         "cooldown_fraction"),
+        (dict(style="infinite-inv-square-root", min_lr=1e-5, infinite_cooldown_fraction=0.0),
+         "infinite_cooldown_fraction"),
     ]
     for kwargs, field in cases:
         with pytest.raises(ValueError, match=f"ScheduleConfig.{field}"):
-            optim.ScheduleConfig(**kwargs)
+            schedules.ScheduleConfig(**kwargs)
     with pytest.raises(ValueError, match="non-negative integers"):
-        optim.lr_at_iterations(optim.ScheduleConfig(train_iters=10), np.array([-1, 2]))
+        schedules.lr_at_iterations(schedules.ScheduleConfig(train_iters=10), np.array([-1, 2]))

@@ -28,6 +28,7 @@ import pytest
 from agpt_jax import model as model_lib
 from agpt_jax import optim
 from agpt_jax import runtime
+from agpt_jax import schedules
 from agpt_jax import train
 from converters.orbax_to_hf import hf_tensors
 from torch_reference import llama_config, torch, transformers
@@ -151,7 +152,7 @@ def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip
 
 
 def _trainer(grad_accum: int, clip_grad: float) -> train.CompiledTrainer:
-    schedule = optim.make_schedule(optim.ScheduleConfig(
+    schedule = schedules.make_schedule(schedules.ScheduleConfig(
         style="cosine", max_lr=MAX_LR, min_lr=MIN_LR, train_iters=TRAIN_ITERS,
         warmup_iters=WARMUP_ITERS, global_batch_size=GBS))
     optim_cfg = optim.OptimConfig(beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WEIGHT_DECAY,

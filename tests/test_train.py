@@ -12,12 +12,13 @@ import pytest
 from agpt_jax import model as model_lib
 from agpt_jax import optim
 from agpt_jax import runtime
+from agpt_jax import schedules
 from agpt_jax import train
 
 CFG = model_lib.get_preset("tiny").replace(remat="full")
 GBS = 16
 OPTIM = optim.OptimConfig(clip_grad=1.0)
-SCHEDULE = optim.make_schedule(optim.ScheduleConfig(
+SCHEDULE = schedules.make_schedule(schedules.ScheduleConfig(
     style="cosine", max_lr=3e-3, min_lr=3e-4, train_iters=10, warmup_iters=2,
     global_batch_size=GBS))
 
@@ -97,7 +98,7 @@ def test_metrics_follow_the_schedule_and_loss_falls():
         losses.append(float(m["loss"]))
         assert m["sequence_loss"].shape == (GBS,)
         np.testing.assert_allclose(float(jnp.mean(m["sequence_loss"])), losses[-1], rtol=1e-6)
-    expected = optim.lr_at_iterations(optim.ScheduleConfig(
+    expected = schedules.lr_at_iterations(schedules.ScheduleConfig(
         style="cosine", max_lr=3e-3, min_lr=3e-4, train_iters=10, warmup_iters=2,
         global_batch_size=GBS), np.arange(0, 8))  # LR after k completed iterations
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
