@@ -36,14 +36,11 @@ Usage: python scripts/cpt.py --config configs/constant_cooldown.py:demo --config
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 
 import ml_collections
 
-# config_flags loads this file by path; make its sibling `common.py` importable from any folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from agpt_jax import recipes
 
 # Megatron's --lr_constant_plus_cooldown_frac default and --min-lr default (spec §2.3, §1.2).
 MEGATRON_COOLDOWN_FRAC = 0.05
@@ -53,10 +50,10 @@ MEGATRON_MIN_LR = 0.0
 def get_config(arg: str | None = None,
                environ: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """The constant+cooldown recipe at scale `arg` (agpt_7b | demo | smoke)."""
-    scale = common.parse_arg(arg, "constant_cooldown")
+    scale = recipes.parse_arg(arg, "constant_cooldown")
     lr = {"agpt_7b": 2e-4, "demo": 1e-3, "smoke": 1e-3}[scale]
-    c = common.base_config("constant_cooldown", scale, lr=lr, min_lr=MEGATRON_MIN_LR,
-                           lr_decay_style="constant", lr_warmup_frac=0.0,
-                           environ=os.environ if environ is None else environ)
+    c = recipes.base_config("constant_cooldown", scale, lr=lr, min_lr=MEGATRON_MIN_LR,
+                            lr_decay_style="constant", lr_warmup_frac=0.0,
+                            environ=os.environ if environ is None else environ)
     c.cooldown_frac = MEGATRON_COOLDOWN_FRAC
     return c

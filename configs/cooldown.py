@@ -14,25 +14,22 @@ Usage: python scripts/cpt.py --config configs/cooldown.py:demo --config.load=RUN
 from __future__ import annotations
 
 import os
-import sys
 
 from collections.abc import Mapping
 
 import ml_collections
 
-# config_flags loads this file by path; make its sibling `common.py` importable from any folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from agpt_jax import recipes
 
 
 def get_config(arg: str | None = None,
                environ: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """The cooldown branch at scale `arg` (agpt_7b | demo | smoke)."""
-    scale = common.parse_arg(arg, "cooldown")
+    scale = recipes.parse_arg(arg, "cooldown")
     lr, min_lr = {"agpt_7b": (2e-4, 2e-5), "demo": (1e-3, 1e-4), "smoke": (1e-3, 1e-4)}[scale]
-    c = common.base_config("cooldown", scale, lr=lr, min_lr=min_lr, lr_decay_style="constant",
-                           lr_warmup_frac=0.0,
-                           environ=os.environ if environ is None else environ)
+    c = recipes.base_config("cooldown", scale, lr=lr, min_lr=min_lr, lr_decay_style="constant",
+                            lr_warmup_frac=0.0,
+                            environ=os.environ if environ is None else environ)
     c.cooldown_frac = 1.0
     # The branch length; it replaces train_tokens / train_iters.
     c.cooldown_tokens = {"agpt_7b": 2_000_000_000, "demo": 40 * 128 * 16, "smoke": 4 * 32 * 16}[scale]

@@ -23,23 +23,20 @@ Usage: python scripts/cpt.py --config configs/legacy.py:demo --config.load=... -
 from __future__ import annotations
 
 import os
-import sys
 
 from collections.abc import Mapping
 
 import ml_collections
 
-# config_flags loads this file by path; make its sibling `common.py` importable from any folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from agpt_jax import recipes
 
 
 def get_config(arg: str | None = None,
                environ: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """The legacy recipe at scale `arg` (agpt_7b | demo | smoke)."""
-    scale = common.parse_arg(arg, "legacy")
+    scale = recipes.parse_arg(arg, "legacy")
     # AuroraGPT launcher defaults (spec §1.2): LR 2e-4, cosine, warmup fraction 0.05, min_lr 0.
     lr, min_lr = {"agpt_7b": (2e-4, 0.0), "demo": (1e-3, 1e-4), "smoke": (1e-3, 1e-4)}[scale]
-    return common.base_config("legacy", scale, lr=lr, min_lr=min_lr, lr_decay_style="cosine",
-                              lr_warmup_frac=0.05,
-                              environ=os.environ if environ is None else environ)
+    return recipes.base_config("legacy", scale, lr=lr, min_lr=min_lr, lr_decay_style="cosine",
+                               lr_warmup_frac=0.05,
+                               environ=os.environ if environ is None else environ)

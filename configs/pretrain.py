@@ -12,24 +12,21 @@ Usage: python scripts/cpt.py --config configs/pretrain.py:demo --config.data_fil
 from __future__ import annotations
 
 import os
-import sys
 
 from collections.abc import Mapping
 
 import ml_collections
 
-# config_flags loads this file by path; make its sibling `common.py` importable from any folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from agpt_jax import recipes
 
 
 def get_config(arg: str | None = None,
                environ: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """The pretraining recipe at scale `arg` (agpt_7b | demo | smoke)."""
-    scale = common.parse_arg(arg, "pretrain")
+    scale = recipes.parse_arg(arg, "pretrain")
     lr, min_lr = {"agpt_7b": (2e-4, 2e-5), "demo": (2e-3, 2e-4), "smoke": (1e-3, 1e-4)}[scale]
-    c = common.base_config("pretrain", scale, lr=lr, min_lr=min_lr, lr_decay_style="cosine",
-                           lr_warmup_frac=0.05,
-                           environ=os.environ if environ is None else environ)
+    c = recipes.base_config("pretrain", scale, lr=lr, min_lr=min_lr, lr_decay_style="cosine",
+                            lr_warmup_frac=0.05,
+                            environ=os.environ if environ is None else environ)
     c.load = ""  # the env LOAD is ignored: pretraining starts from random weights
     return c

@@ -40,6 +40,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -49,22 +50,20 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+from agpt_jax import hostmem
 
-from agpt_jax import hostmem  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MARKER = ".agpt-jax-demo"
 VOCAB_SIZE = 2048  # the "demo" model preset's vocabulary
 DOC_CHARS = 1500  # documents are cut at paragraph ends near this length
 # Data split of every run and of the evaluation: 2% of the documents are held out for validation.
 SPLIT = "98,2,0"
-# Environment variables the run configs read as defaults (configs/common.py); the demo sets every
+# Environment variables the run configs read as defaults (agpt_jax/recipes.py); the demo sets every
 # value on the command line and clears these so a launcher environment cannot change the demo.
 _LAUNCHER_ENV = (
     "SEQ", "DTYPE_COMPUTE", "DATA_FILE_LIST", "SPLIT", "SEED", "LOAD", "SAVE", "SAVE_INTERVAL",
@@ -240,65 +239,115 @@ def write_jsonl(path: str, documents: Iterator[str]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Step runner.
+# What the phases share, and how they call the entry points.
 
 
-class Demo:
-    """Runs the steps in order, printing what each did, where, and how long it took."""
+def load_script(name: str) -> types.ModuleType:
+    """scripts/<name>.py as a module, so that a phase calls its `main(argv)` in this process.
 
-    def __init__(self, out: str, sizes: DemoSizes, total_steps: int = 12) -> None:
-        self.paths = Paths.under(out)
-        self.sizes = sizes
-        self.total = total_steps
-        self.n = 0
-        self.times: list[tuple[str, float]] = []
-        self.summary: dict[str, Any] = {}
+    The scripts are not a package, so each is loaded by its path. It is registered in sys.modules
+    (dataclasses look their module up while the class is created) under a private name, which
+    shadows no module of the script's own name; a second call returns the same module.
+    """
+    key = f"_agpt_jax_demo_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(REPO, "scripts",
+                                                                        name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
-    def step(self, title: str, body: Callable[[], Sequence[str]]) -> None:
-        """Run one step; `body` returns lines describing its outputs."""
-        self.n += 1
-        print(f"\n[{self.n}/{self.total}] {title}", flush=True)
-        start = time.perf_counter()
-        lines = body()
-        seconds = time.perf_counter() - start
-        self.times.append((title, seconds))
-        for line in lines:
-            print(f"      {line}")
-        print(f"      done in {seconds:.1f} s", flush=True)
 
-    def call(self, what: str, main: Callable[[list[str]], int], argv: list[str],
-             command: str) -> str:
-        """Call a script's `main(argv)` in this process; returns its stdout (also echoed)."""
-        print(f"      $ {command} {shlex.join(argv)}", flush=True)
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = main(argv)
-        text = buf.getvalue()
-        if rc != 0:
-            sys.stdout.write(text)
-            raise DemoError(f"{what}: {command} exited with {rc} (its error is above)")
-        return text
+Main = Callable[[list[str]], int]
 
-    def cpt(self, what: str, config: str, overrides: dict[str, Any], log: str) -> None:
-        """Run scripts/cpt.py in a subprocess (a training run is its own process, as for users)."""
-        argv = [os.path.join(REPO, "scripts", "cpt.py"), f"--config={config}"]
-        argv += [f"--config.{k}={v}" for k, v in overrides.items()]
-        argv += ["--num_cpu_devices=1"]
-        print(f"      $ python {shlex.join(argv)}", flush=True)
-        print(f"      (log: {log})", flush=True)
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
-        # One CPU device: the demo's batch of 16 sequences is one micro-batch on one device.
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith("--xla_force_host_platform_device_count"))
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=f,
-                                  stderr=subprocess.STDOUT, check=False)
-        if proc.returncode != 0:
-            with open(log) as f:
-                tail = f.read().splitlines()[-15:]
-            raise DemoError(f"{what}: scripts/cpt.py exited with {proc.returncode}; last lines "
-                            f"of {log}:\n" + "\n".join(tail))
+
+@dataclasses.dataclass(frozen=True)
+class EntryPoints:
+    """The entry points the phases call in this process, each a `main(argv) -> int`, and the one
+    library function they use. All are imported before the first phase starts, so that no phase's
+    time includes an import."""
+
+    preprocess_data: Main
+    mix_datasets: Main
+    evaluate: Main
+    plot_runs: Main
+    orbax_to_universal: Main
+    orbax_to_hf: Main
+    resolve_checkpoint_dir: Callable[[str], str]
+
+    @classmethod
+    def load(cls) -> EntryPoints:
+        import converters.orbax_to_hf as orbax_to_hf
+        import converters.orbax_to_universal as orbax_to_universal
+
+        evaluate = load_script("evaluate")
+        mix_datasets = load_script("mix_datasets")
+        plot_runs = load_script("plot_runs")
+        preprocess_data = load_script("preprocess_data")
+        from agpt_jax import init_checkpoint as ic
+
+        return cls(preprocess_data=preprocess_data.main, mix_datasets=mix_datasets.main,
+                   evaluate=evaluate.main, plot_runs=plot_runs.main,
+                   orbax_to_universal=orbax_to_universal.main, orbax_to_hf=orbax_to_hf.main,
+                   resolve_checkpoint_dir=ic.resolve_checkpoint_dir)
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything a phase reads: where each artifact goes, the run sizes, the entry points; and
+    what earlier phases leave for later ones (filled in as the phases run)."""
+
+    paths: Paths
+    sizes: DemoSizes
+    tools: EntryPoints
+    corpora: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> .jsonl
+    prefixes: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> .bin/.idx prefix
+    # Phase 1's last checkpoint (RUN/checkpoints/<step>), the one phase 2 continues: its "dir",
+    # "step" and "lr".
+    phase1: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # evaluate.py's results per model key ("pretrained_cosine", "legacy", "phase1", ...).
+    results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    times: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (title, seconds)
+
+
+def call(what: str, main: Main, argv: list[str], command: str) -> str:
+    """Call a script's `main(argv)` in this process; returns its stdout (also echoed)."""
+    print(f"      $ {command} {shlex.join(argv)}", flush=True)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    text = buf.getvalue()
+    if rc != 0:
+        sys.stdout.write(text)
+        raise DemoError(f"{what}: {command} exited with {rc} (its error is above)")
+    return text
+
+
+def cpt(what: str, config: str, overrides: dict[str, Any], log: str) -> None:
+    """Run scripts/cpt.py in a subprocess (a training run is its own process, as for users)."""
+    argv = [os.path.join(REPO, "scripts", "cpt.py"), f"--config={config}"]
+    argv += [f"--config.{k}={v}" for k, v in overrides.items()]
+    argv += ["--num_cpu_devices=1"]
+    print(f"      $ python {shlex.join(argv)}", flush=True)
+    print(f"      (log: {log})", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    # One CPU device: the demo's batch of 16 sequences is one micro-batch on one device.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=f,
+                              stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read().splitlines()[-15:]
+        raise DemoError(f"{what}: scripts/cpt.py exited with {proc.returncode}; last lines "
+                        f"of {log}:\n" + "\n".join(tail))
 
 
 def _last_metrics(run_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -337,10 +386,6 @@ def _describe_run(run_dir: str) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
-# The steps.
-
-
 def _lr_at(run_dir: str, iteration: int) -> float:
     """The LR of a run's train step `iteration` (metrics.jsonl)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -351,219 +396,272 @@ def _lr_at(run_dir: str, iteration: int) -> float:
     raise DemoError(f"{run_dir}/metrics.jsonl: no train line for iteration {iteration}")
 
 
-def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
-    """All steps; returns the summary also written to OUT/summary.json."""
-    import converters.orbax_to_hf as orbax_to_hf
-    import converters.orbax_to_universal as orbax_to_universal
-    import evaluate
-    import mix_datasets
-    import plot_runs
-    import preprocess_data
-    from agpt_jax import init_checkpoint as ic
+def _run_overrides(sizes: DemoSizes) -> dict[str, Any]:
+    """The --config.* values every run shares."""
+    return {"split": SPLIT, "eval_interval": sizes.eval_interval,
+            "eval_iters": sizes.eval_iters, "train_tokens": 0, "global_batch": 0,
+            "micro_batch": sizes.micro_batch, "grad_acc_steps": 1, "progress_bar": False,
+            "log_interval": 10}
 
-    demo = Demo(out, sizes)
-    p = demo.paths
-    t_start = time.perf_counter()
-    corpora: dict[str, str] = {}
-    prefixes: dict[str, str] = {}
-    # Phase 1's last checkpoint (RUN/checkpoints/<step>), the one phase 2 continues.
-    phase1: dict[str, Any] = {}
-    results: dict[str, dict[str, Any]] = {}
 
-    def corpora_step() -> list[str]:
-        lines = []
-        for name, docs in (("papers", papers_documents()),
-                           ("web", web_documents(sizes.max_web_files))):
-            path = os.path.join(p.corpora, f"{name}.jsonl")
-            n, chars = write_jsonl(path, docs)
-            corpora[name] = path
-            lines.append(f"{name}: {n} documents, {chars / 1e3:.0f}K characters -> {path}")
-        return lines
-
-    def tokenizer_step() -> list[str]:
-        import sentencepiece as spm
-
-        os.makedirs(os.path.dirname(p.tokenizer_prefix), exist_ok=True)
-        text = os.path.join(p.corpora, "tokenizer_train.txt")
-        with open(text, "w", encoding="utf-8") as f:
-            for path in corpora.values():
-                with open(path, encoding="utf-8") as src:
-                    for line in src:
-                        f.write(json.loads(line)["text"] + "\n")
-        print("      SentencePiece BPE, Llama's special ids: unk 0, <s> 1, </s> 2", flush=True)
-        spm.SentencePieceTrainer.train(
-            input=text, model_prefix=p.tokenizer_prefix, vocab_size=VOCAB_SIZE, model_type="bpe",
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-            input_sentence_size=200_000, shuffle_input_sentence=True, num_threads=2,
-            minloglevel=2)
-        os.remove(text)
-        return [f"vocabulary {VOCAB_SIZE} -> {p.tokenizer}"]
-
-    def preprocess_step() -> list[str]:
-        lines = []
-        for name, path in corpora.items():
-            argv = ["--input", path, "--output-prefix", os.path.join(p.data, name),
-                    "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", p.tokenizer,
-                    "--append-eod", "--log-interval", "100000"]
-            text = demo.call(f"preprocess {name}", preprocess_data.main, argv,
-                             "python scripts/preprocess_data.py")
-            prefixes[name] = os.path.join(p.data, f"{name}_text_document")
-            lines.append(f"{name}: {text.splitlines()[0].strip()}")
-            lines.append(f"  -> {prefixes[name]}.bin / .idx")
-        os.makedirs(p.lists, exist_ok=True)
-        for name, list_path in (("web", p.web_list), ("papers", p.papers_list)):
-            with open(list_path, "w") as f:
-                f.write(f"1.0 {prefixes[name]} {name}\n")
-            lines.append(f"DATA_FILE_LIST {list_path}")
-        with open(p.eval_list, "w") as f:
-            f.write(f"1.0 {prefixes['papers']} papers\n1.0 {prefixes['web']} web\n")
-        return lines
-
-    common = {"split": SPLIT, "eval_interval": sizes.eval_interval,
-              "eval_iters": sizes.eval_iters, "train_tokens": 0, "global_batch": 0,
-              "micro_batch": sizes.micro_batch, "grad_acc_steps": 1, "progress_bar": False,
-              "log_interval": 10}
+def _pretrain_overrides(ctx: Context) -> dict[str, Any]:
     # Both pretraining runs: random init, the same seed, data and peak LR; only the schedule
     # differs.
-    pretrain = dict(common, data_file_list=p.web_list, train_iters=sizes.pretrain_iters,
-                    lr=PRETRAIN_LR)
+    return dict(_run_overrides(ctx.sizes), data_file_list=ctx.paths.web_list,
+                train_iters=ctx.sizes.pretrain_iters, lr=PRETRAIN_LR)
 
-    def pretrain_cosine_step() -> list[str]:
-        demo.cpt("pretrain (cosine)", "configs/pretrain.py:demo",
-                 dict(pretrain, save=p.pretrain_run, save_interval=sizes.pretrain_iters),
-                 p.pretrain_run + ".log")
-        return _describe_run(p.pretrain_run)
 
-    def phase1_step() -> list[str]:
-        every = sizes.pretrain_iters // PHASE1_SAVES
-        demo.cpt("phase 1 (constant LR)", "configs/pretrain.py:demo",
-                 dict(pretrain, save=p.phase1_run, lr_decay_style="constant", cooldown_frac=0,
-                      save_interval=every, keep_checkpoints=PHASE1_SAVES),
-                 p.phase1_run + ".log")
-        steps = sorted(int(n) for n in os.listdir(os.path.join(p.phase1_run, "checkpoints"))
-                       if n.isdigit())
-        # The run's newest finalized checkpoint is its last save; name the step folder itself.
-        phase1["dir"] = ic.resolve_checkpoint_dir(p.phase1_run)
-        phase1["step"] = int(os.path.basename(phase1["dir"]))
-        phase1["lr"] = _lr_at(p.phase1_run, phase1["step"])
-        return _describe_run(p.phase1_run) + [
-            f"checkpoints at iterations {steps}; phase 2 continues the last one, "
-            f"{phase1['dir']} (LR {phase1['lr']:.2e}, never decayed)"]
+def _cpt_overrides(ctx: Context) -> dict[str, Any]:
+    """The --config.* values both CPT runs share."""
+    return dict(_run_overrides(ctx.sizes), data_file_list=ctx.paths.mix_list,
+                train_iters=ctx.sizes.cpt_iters, save_interval=ctx.sizes.cpt_iters)
 
-    def export_step() -> list[str]:
-        os.makedirs(p.megatron, exist_ok=True)
-        lines = []
-        for what, src, dst in (("cosine pretrained model", p.pretrain_run, p.universal_cosine),
-                               ("phase 1, last checkpoint", phase1["dir"], p.universal_phase1)):
-            demo.call("export", orbax_to_universal.main, ["--load", src, "--save", dst],
-                      "python -m converters.orbax_to_universal")
-            lines.append(f"{what}: universal checkpoint (DeepSpeed ds_to_universal layout) "
-                         f"-> {dst}")
-        return lines
 
-    def mix_step() -> list[str]:
-        text = demo.call("mix", mix_datasets.main,
-                         ["--inputs", "0.9", p.papers_list, "0.1", p.web_list],
-                         "python scripts/mix_datasets.py")
-        with open(p.mix_list, "w") as f:
-            f.write(text)
-        return [f"0.9 papers + 0.1 web replay -> {p.mix_list}"] + [
-            "  " + line for line in text.splitlines()]
-
-    cpt = dict(common, data_file_list=p.mix_list, train_iters=sizes.cpt_iters,
-               save_interval=sizes.cpt_iters)
-
-    def legacy_step() -> list[str]:
-        demo.cpt("legacy CPT", "configs/legacy.py:demo",
-                 dict(cpt, load=p.universal_cosine, save=p.legacy_run), p.legacy_run + ".log")
-        return [f"LOAD {p.universal_cosine}, converted once into "
-                f"{os.path.join(p.legacy_run, 'converted_init')}"] + _describe_run(p.legacy_run)
-
-    def phase2_step() -> list[str]:
-        # Phase 1's peak LR; the recipe's own cooldown length and min_lr apply.
-        demo.cpt("phase 2 (constant+cooldown CPT)", "configs/constant_cooldown.py:demo",
-                 dict(cpt, load=p.universal_phase1, save=p.cc_run, lr=PRETRAIN_LR),
-                 p.cc_run + ".log")
-        return [f"LOAD {p.universal_phase1}, converted once into "
-                f"{os.path.join(p.cc_run, 'converted_init')}"] + _describe_run(p.cc_run)
-
-    def convert_step() -> list[str]:
-        lines = []
-        for name, run in (("legacy", p.legacy_run), ("constant_cooldown", p.cc_run)):
-            meg = os.path.join(p.megatron, name)
-            hf = os.path.join(p.hf, name)
-            os.makedirs(p.hf, exist_ok=True)
-            demo.call(f"convert {name}", orbax_to_universal.main, ["--load", run, "--save", meg],
-                      "python -m converters.orbax_to_universal")
-            demo.call(f"convert {name}", orbax_to_hf.main,
-                      ["--load", run, "--save", hf, "--tokenizer", p.tokenizer],
-                      "python -m converters.orbax_to_hf")
-            lines += [f"{name}: Megatron universal -> {meg}", f"{name}: HF Llama -> {hf}"]
-        return lines
-
+def _evaluated_models(ctx: Context) -> tuple[tuple[str, str, str | None], ...]:
     # (title, results key, checkpoint); each CPT result follows the model it started from.
-    models = (("cosine pretrained", "pretrained_cosine", p.pretrain_run),
-              ("  legacy CPT", "legacy", p.legacy_run),
-              ("phase 1 (constant LR)", "phase1", None),
-              ("  phase 2 (const+cool)", "constant_cooldown", p.cc_run))
+    p = ctx.paths
+    return (("cosine pretrained", "pretrained_cosine", p.pretrain_run),
+            ("  legacy CPT", "legacy", p.legacy_run),
+            ("phase 1 (constant LR)", "phase1", None),
+            ("  phase 2 (const+cool)", "constant_cooldown", p.cc_run))
 
-    def evaluate_step() -> list[str]:
-        os.makedirs(p.eval, exist_ok=True)
-        for _, key, ckpt in models:
-            out_json = os.path.join(p.eval, f"{key}.json")
-            demo.call(f"evaluate {key}", evaluate.main,
-                      ["--checkpoint", ckpt or phase1["dir"], "--data-file-list", p.eval_list,
-                       "--split", "valid", "--data-split", SPLIT, "--global-batch-size", "16",
-                       "--eval-iters", str(2 * sizes.eval_iters), "--json", out_json],
-                      "python scripts/evaluate.py")
-            with open(out_json) as f:
-                results[key] = json.load(f)["results"]
-        lines = [f"validation documents ({SPLIT} split) of each corpus, "
-                 f"{2 * sizes.eval_iters * 16} samples; loss in nats/token (perplexity):",
-                 f"{'model':<24}{'papers':>18}{'web':>18}"]
-        for title, key, _ in models:
-            r = results[key]
-            lines.append(f"{title:<24}" + "".join(
-                f"{r[c]['loss']:>9.3f} ({r[c]['perplexity']:>6.1f})" for c in ("papers", "web")))
-        lines.append(f"per-model JSON in {p.eval}")
-        return lines
 
-    def plot_step() -> list[str]:
-        lines = []
-        for runs, png, title in (
-                ([p.legacy_run, p.cc_run], p.plot,
-                 "CPT on 0.9 papers + 0.1 web: legacy (from cosine) and phase 2 (from phase 1)"),
-                ([p.pretrain_run, p.phase1_run], p.pretrain_plot,
-                 "pretraining on web: cosine and constant LR (phase 1)")):
-            text = demo.call("plot", plot_runs.main,
-                             [*runs, "--out", png, "--smooth", "5", "--title", title],
-                             "python scripts/plot_runs.py")
-            lines += text.splitlines()
-        return lines
+# ----------------------------------------------------------------------------------------------
+# The phases, in the order they run; each returns the lines describing its outputs.
 
-    steps = (
-        ("Build two corpora from the Python installation", corpora_step),
-        ("Train a tokenizer", tokenizer_step),
-        ("Tokenize both corpora into Megatron .bin/.idx", preprocess_step),
-        ("Pretrain the 'legacy pretrained model' on 'web' (warmup + cosine)",
-         pretrain_cosine_step),
-        ("Pretrain phase 1 on 'web' (warmup + constant LR, no cooldown)", phase1_step),
-        ("Export both as Megatron universal checkpoints", export_step),
-        ("Mix the CPT data: 0.9 papers + 0.1 web", mix_step),
-        ("Legacy CPT from the cosine model: re-warm + cosine on the mix", legacy_step),
-        ("Phase 2 from phase 1: constant LR + cooldown on the mix, no re-warm", phase2_step),
-        ("Convert the CPT results to Megatron and HF form", convert_step),
-        ("Evaluate papers and web loss before and after CPT", evaluate_step),
-        ("Plot the runs", plot_step),
-    )
-    demo.total = len(steps)
-    for title, body in steps:
-        demo.step(title, body)
 
-    total = time.perf_counter() - t_start
+def make_corpora(ctx: Context) -> list[str]:
+    lines = []
+    for name, docs in (("papers", papers_documents()),
+                       ("web", web_documents(ctx.sizes.max_web_files))):
+        path = os.path.join(ctx.paths.corpora, f"{name}.jsonl")
+        n, chars = write_jsonl(path, docs)
+        ctx.corpora[name] = path
+        lines.append(f"{name}: {n} documents, {chars / 1e3:.0f}K characters -> {path}")
+    return lines
+
+
+def train_tokenizer(ctx: Context) -> list[str]:
+    import sentencepiece as spm
+
+    p = ctx.paths
+    os.makedirs(os.path.dirname(p.tokenizer_prefix), exist_ok=True)
+    text = os.path.join(p.corpora, "tokenizer_train.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        for path in ctx.corpora.values():
+            with open(path, encoding="utf-8") as src:
+                for line in src:
+                    f.write(json.loads(line)["text"] + "\n")
+    print("      SentencePiece BPE, Llama's special ids: unk 0, <s> 1, </s> 2", flush=True)
+    spm.SentencePieceTrainer.train(
+        input=text, model_prefix=p.tokenizer_prefix, vocab_size=VOCAB_SIZE, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        input_sentence_size=200_000, shuffle_input_sentence=True, num_threads=2,
+        minloglevel=2)
+    os.remove(text)
+    return [f"vocabulary {VOCAB_SIZE} -> {p.tokenizer}"]
+
+
+def tokenize_corpora(ctx: Context) -> list[str]:
+    p = ctx.paths
+    lines = []
+    for name, path in ctx.corpora.items():
+        argv = ["--input", path, "--output-prefix", os.path.join(p.data, name),
+                "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", p.tokenizer,
+                "--append-eod", "--log-interval", "100000"]
+        text = call(f"preprocess {name}", ctx.tools.preprocess_data, argv,
+                    "python scripts/preprocess_data.py")
+        ctx.prefixes[name] = os.path.join(p.data, f"{name}_text_document")
+        lines.append(f"{name}: {text.splitlines()[0].strip()}")
+        lines.append(f"  -> {ctx.prefixes[name]}.bin / .idx")
+    os.makedirs(p.lists, exist_ok=True)
+    for name, list_path in (("web", p.web_list), ("papers", p.papers_list)):
+        with open(list_path, "w") as f:
+            f.write(f"1.0 {ctx.prefixes[name]} {name}\n")
+        lines.append(f"DATA_FILE_LIST {list_path}")
+    with open(p.eval_list, "w") as f:
+        f.write(f"1.0 {ctx.prefixes['papers']} papers\n1.0 {ctx.prefixes['web']} web\n")
+    return lines
+
+
+def pretrain_cosine(ctx: Context) -> list[str]:
+    p = ctx.paths
+    cpt("pretrain (cosine)", "configs/pretrain.py:demo",
+        dict(_pretrain_overrides(ctx), save=p.pretrain_run, save_interval=ctx.sizes.pretrain_iters),
+        p.pretrain_run + ".log")
+    return _describe_run(p.pretrain_run)
+
+
+def pretrain_phase1(ctx: Context) -> list[str]:
+    p = ctx.paths
+    every = ctx.sizes.pretrain_iters // PHASE1_SAVES
+    cpt("phase 1 (constant LR)", "configs/pretrain.py:demo",
+        dict(_pretrain_overrides(ctx), save=p.phase1_run, lr_decay_style="constant",
+             cooldown_frac=0, save_interval=every, keep_checkpoints=PHASE1_SAVES),
+        p.phase1_run + ".log")
+    steps = sorted(int(n) for n in os.listdir(os.path.join(p.phase1_run, "checkpoints"))
+                   if n.isdigit())
+    # The run's newest finalized checkpoint is its last save; name the step folder itself.
+    phase1 = ctx.phase1
+    phase1["dir"] = ctx.tools.resolve_checkpoint_dir(p.phase1_run)
+    phase1["step"] = int(os.path.basename(phase1["dir"]))
+    phase1["lr"] = _lr_at(p.phase1_run, phase1["step"])
+    return _describe_run(p.phase1_run) + [
+        f"checkpoints at iterations {steps}; phase 2 continues the last one, "
+        f"{phase1['dir']} (LR {phase1['lr']:.2e}, never decayed)"]
+
+
+def export_pretrained(ctx: Context) -> list[str]:
+    p = ctx.paths
+    os.makedirs(p.megatron, exist_ok=True)
+    lines = []
+    for what, src, dst in (("cosine pretrained model", p.pretrain_run, p.universal_cosine),
+                           ("phase 1, last checkpoint", ctx.phase1["dir"], p.universal_phase1)):
+        call("export", ctx.tools.orbax_to_universal, ["--load", src, "--save", dst],
+             "python -m converters.orbax_to_universal")
+        lines.append(f"{what}: universal checkpoint (DeepSpeed ds_to_universal layout) "
+                     f"-> {dst}")
+    return lines
+
+
+def mix_cpt_data(ctx: Context) -> list[str]:
+    p = ctx.paths
+    text = call("mix", ctx.tools.mix_datasets,
+                ["--inputs", "0.9", p.papers_list, "0.1", p.web_list],
+                "python scripts/mix_datasets.py")
+    with open(p.mix_list, "w") as f:
+        f.write(text)
+    return [f"0.9 papers + 0.1 web replay -> {p.mix_list}"] + [
+        "  " + line for line in text.splitlines()]
+
+
+def legacy_cpt(ctx: Context) -> list[str]:
+    p = ctx.paths
+    cpt("legacy CPT", "configs/legacy.py:demo",
+        dict(_cpt_overrides(ctx), load=p.universal_cosine, save=p.legacy_run),
+        p.legacy_run + ".log")
+    return [f"LOAD {p.universal_cosine}, converted once into "
+            f"{os.path.join(p.legacy_run, 'converted_init')}"] + _describe_run(p.legacy_run)
+
+
+def phase2_cpt(ctx: Context) -> list[str]:
+    p = ctx.paths
+    # Phase 1's peak LR; the recipe's own cooldown length and min_lr apply.
+    cpt("phase 2 (constant+cooldown CPT)", "configs/constant_cooldown.py:demo",
+        dict(_cpt_overrides(ctx), load=p.universal_phase1, save=p.cc_run, lr=PRETRAIN_LR),
+        p.cc_run + ".log")
+    return [f"LOAD {p.universal_phase1}, converted once into "
+            f"{os.path.join(p.cc_run, 'converted_init')}"] + _describe_run(p.cc_run)
+
+
+def convert_cpt_results(ctx: Context) -> list[str]:
+    p = ctx.paths
+    lines = []
+    for name, run in (("legacy", p.legacy_run), ("constant_cooldown", p.cc_run)):
+        meg = os.path.join(p.megatron, name)
+        hf = os.path.join(p.hf, name)
+        os.makedirs(p.hf, exist_ok=True)
+        call(f"convert {name}", ctx.tools.orbax_to_universal, ["--load", run, "--save", meg],
+             "python -m converters.orbax_to_universal")
+        call(f"convert {name}", ctx.tools.orbax_to_hf,
+             ["--load", run, "--save", hf, "--tokenizer", p.tokenizer],
+             "python -m converters.orbax_to_hf")
+        lines += [f"{name}: Megatron universal -> {meg}", f"{name}: HF Llama -> {hf}"]
+    return lines
+
+
+def evaluate_models(ctx: Context) -> list[str]:
+    p, sizes = ctx.paths, ctx.sizes
+    models = _evaluated_models(ctx)
+    os.makedirs(p.eval, exist_ok=True)
+    for _, key, ckpt in models:
+        out_json = os.path.join(p.eval, f"{key}.json")
+        call(f"evaluate {key}", ctx.tools.evaluate,
+             ["--checkpoint", ckpt or ctx.phase1["dir"], "--data-file-list", p.eval_list,
+              "--split", "valid", "--data-split", SPLIT, "--global-batch-size", "16",
+              "--eval-iters", str(2 * sizes.eval_iters), "--json", out_json],
+             "python scripts/evaluate.py")
+        with open(out_json) as f:
+            ctx.results[key] = json.load(f)["results"]
+    lines = [f"validation documents ({SPLIT} split) of each corpus, "
+             f"{2 * sizes.eval_iters * 16} samples; loss in nats/token (perplexity):",
+             f"{'model':<24}{'papers':>18}{'web':>18}"]
+    for title, key, _ in models:
+        r = ctx.results[key]
+        lines.append(f"{title:<24}" + "".join(
+            f"{r[c]['loss']:>9.3f} ({r[c]['perplexity']:>6.1f})" for c in ("papers", "web")))
+    lines.append(f"per-model JSON in {p.eval}")
+    return lines
+
+
+def plot_all_runs(ctx: Context) -> list[str]:
+    p = ctx.paths
+    lines = []
+    for runs, png, title in (
+            ([p.legacy_run, p.cc_run], p.plot,
+             "CPT on 0.9 papers + 0.1 web: legacy (from cosine) and phase 2 (from phase 1)"),
+            ([p.pretrain_run, p.phase1_run], p.pretrain_plot,
+             "pretraining on web: cosine and constant LR (phase 1)")):
+        text = call("plot", ctx.tools.plot_runs,
+                    [*runs, "--out", png, "--smooth", "5", "--title", title],
+                    "python scripts/plot_runs.py")
+        lines += text.splitlines()
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One demo step: its short name (the module docstring's list), the title its report line
+    prints, and the function that runs it."""
+
+    name: str
+    title: str
+    run: Callable[[Context], Sequence[str]]
+
+
+PHASES = (
+    Phase("corpora", "Build two corpora from the Python installation", make_corpora),
+    Phase("tokenizer", "Train a tokenizer", train_tokenizer),
+    Phase("preprocess", "Tokenize both corpora into Megatron .bin/.idx", tokenize_corpora),
+    Phase("pretrain", "Pretrain the 'legacy pretrained model' on 'web' (warmup + cosine)",
+          pretrain_cosine),
+    Phase("phase 1", "Pretrain phase 1 on 'web' (warmup + constant LR, no cooldown)",
+          pretrain_phase1),
+    Phase("export", "Export both as Megatron universal checkpoints", export_pretrained),
+    Phase("mix", "Mix the CPT data: 0.9 papers + 0.1 web", mix_cpt_data),
+    Phase("legacy CPT", "Legacy CPT from the cosine model: re-warm + cosine on the mix",
+          legacy_cpt),
+    Phase("phase 2", "Phase 2 from phase 1: constant LR + cooldown on the mix, no re-warm",
+          phase2_cpt),
+    Phase("convert", "Convert the CPT results to Megatron and HF form", convert_cpt_results),
+    Phase("evaluate", "Evaluate papers and web loss before and after CPT", evaluate_models),
+    Phase("plot", "Plot the runs", plot_all_runs),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner.
+
+
+def run_phases(ctx: Context, phases: Sequence[Phase] = PHASES) -> None:
+    """Runs the phases in order, printing what each did, where, and how long it took."""
+    for n, phase in enumerate(phases, start=1):
+        print(f"\n[{n}/{len(phases)}] {phase.title}", flush=True)
+        start = time.perf_counter()
+        lines = phase.run(ctx)
+        seconds = time.perf_counter() - start
+        ctx.times.append((phase.title, seconds))
+        for line in lines:
+            print(f"      {line}")
+        print(f"      done in {seconds:.1f} s", flush=True)
+
+
+def write_summary(ctx: Context, total: float) -> dict[str, Any]:
+    """Writes OUT/summary.json and prints the summary; returns what it wrote."""
+    p, results, phase1 = ctx.paths, ctx.results, ctx.phase1
     summary = {
-        "out": p.out, "sizes": dataclasses.asdict(sizes), "seconds_total": total,
-        "steps": [{"step": t, "seconds": s} for t, s in demo.times],
+        "out": p.out, "sizes": dataclasses.asdict(ctx.sizes), "seconds_total": total,
+        "steps": [{"step": t, "seconds": s} for t, s in ctx.times],
         "loss": {k: {c: results[k][c]["loss"] for c in ("papers", "web", "total")}
                  for k in results},
         "phase1_checkpoint": {"dir": phase1["dir"], "iteration": phase1["step"],
@@ -577,7 +675,7 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
     with open(p.summary, "w") as f:
         json.dump(summary, f, indent=1)
     print("\nSummary")
-    for title, s in demo.times:
+    for title, s in ctx.times:
         print(f"  {s:7.1f} s  {title}")
     print(f"  {total:7.1f} s  total")
     for branch, before, after in (("legacy CPT", "pretrained_cosine", "legacy"),
@@ -591,6 +689,14 @@ def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
               f"{b['web']['loss']:.3f} -> {a['web']['loss']:.3f} ({note}); from {before}")
     print(f"  plots {p.plot}, {p.pretrain_plot}; summary {p.summary}")
     return summary
+
+
+def run_demo(out: str, sizes: DemoSizes) -> dict[str, Any]:
+    """All phases; returns the summary also written to OUT/summary.json."""
+    ctx = Context(paths=Paths.under(out), sizes=sizes, tools=EntryPoints.load())
+    t_start = time.perf_counter()
+    run_phases(ctx)
+    return write_summary(ctx, time.perf_counter() - t_start)
 
 
 def prepare_out(out: str, overwrite: bool) -> None:

@@ -3,7 +3,7 @@
     python scripts/inspect_data.py --data-file-list mix.txt --seq-length 4096 --global-batch-size 6144 \\
         --train-iters 874 --dump 2 --out batches.npz
 
-The defaults are those of the training recipes (configs/common.py `base_config`, which follows
+The defaults are those of the training recipes (agpt_jax/recipes.py `base_config`, which follows
 AuroraGPT's launcher, at the 7B scale), not Megatron's arguments.py defaults (split "969, 30, 1",
 eval interval 1000, eval iters 100, no in-corpus shuffle): split 990,10,0, eval interval 100, eval
 iters 20, seed 1234, --shuffle-sample-in-corpus on (AuroraGPT's launcher always passes it) and
@@ -36,7 +36,7 @@ from agpt_jax.data.indexed import DataError
 from agpt_jax.data.pipeline import read_global_batch
 
 
-# The blend settings of the training recipes (configs/common.py base_config at the 7B scale, the
+# The blend settings of the training recipes (agpt_jax/recipes.py base_config at the 7B scale, the
 # keys agpt_jax/loop.py builds the blend from); tests/data/test_scripts.py checks them against both.
 RECIPE_DEFAULTS = {"split": "990,10,0", "eval_interval": 100, "eval_iters": 20, "seed": 1234,
                    "shuffle_sample_in_corpus": True, "blend_sample_in_corpus": False}

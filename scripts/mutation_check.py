@@ -74,7 +74,7 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/converters/test_universal_converters.py")),
     Mutation(
         "warmup_off_by_one", "the warmup ramp runs one iteration ahead (lr at k+1 for update k)",
-        "agpt_jax/optim.py",
+        "agpt_jax/schedules.py",
         "        warm = cfg.init_lr + (max_lr - cfg.init_lr) * (kf / dtype(plan.warmup))",
         "        warm = cfg.init_lr + (max_lr - cfg.init_lr) * ((kf + 1) / dtype(plan.warmup))",
         ("tests/test_schedules.py", "tests/test_megatron_flags.py")),
@@ -97,7 +97,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_megatron_flags.py", "tests/test_config.py")),
     Mutation(
         "warmup_fraction_read", "LR_WARMUP_FRACTION honoured although Megatron's launcher ignores it",
-        "configs/common.py",
+        "agpt_jax/recipes.py",
         "    if frac is not None:\n        return env_float(\"LR_WARMUP_FRAC\", default, environ)",
         "    frac = frac if frac is not None else fraction\n    if frac is not None:\n"
         "        return env_float(\"LR_WARMUP_FRAC\" if _env(environ, \"LR_WARMUP_FRAC\") else "

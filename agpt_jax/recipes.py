@@ -1,12 +1,19 @@
 """Shared pieces of the run configs: the strict argument parser, launcher env defaults, the key set.
 
-Every config file (`legacy.py`, `constant_cooldown.py`, `cooldown.py`, `pretrain.py`) returns
-`base_config(...)` with its recipe's values filled in. The keys are the same in every file so that
-`--config.<key>=<value>` works everywhere and `agpt_jax.config.from_config` reads one schema.
+Every config file (configs/legacy.py, configs/constant_cooldown.py, configs/cooldown.py,
+configs/pretrain.py) returns `base_config(...)` with its recipe's values filled in. The keys are
+the same in every file so that `--config.<key>=<value>` works everywhere and
+`agpt_jax.config.from_config` reads one schema.
 
 Environment variables of the Megatron-DeepSpeed launcher (`ALCF/helpers.sh`, spec §1.2) are read
 here as defaults, with Megatron's meaning; a `--config.<key>` flag overrides them. A value of 0 (or
 "") for `train_tokens`, `train_iters` and `global_batch` means "not set".
+
+This module lives in the package so that a config file, which ml_collections' config_flags loads
+by path from any working directory, imports it as `from agpt_jax import recipes` with no edit of
+the import path. It is a leaf of config building: it imports only the standard library and
+ml_collections, never agpt_jax.loop, agpt_jax.train, agpt_jax.model, jax or the converters, so
+that loading a config stays cheap and free of import cycles.
 """
 
 from __future__ import annotations
