@@ -4,10 +4,11 @@
     python scripts/evaluate.py --checkpoint RUN_OR_CKPT --tokens rows.npy --save-logits logits.npy
 
 `--checkpoint` is a converted checkpoint (converters.universal_to_orbax) or a cpt.py --save folder
-(its newest step). The loss is the compiled eval step of training
-(`agpt_jax.train.build_trainer(...).evaluate`): mean token cross-entropy over the padded
-vocabulary in fp32, per sequence; a corpus's loss is the mean over its sequences (every sequence
-has seq_length tokens, so this is also the token mean) and its perplexity is exp(loss).
+(its newest step). The loss is the compiled eval step of training (`agpt_jax.train.eval_step`,
+built for the params alone by agpt_jax/evaluate.py, which this script is the command line of):
+mean token cross-entropy over the padded vocabulary in fp32, per sequence; a corpus's loss is the
+mean over its sequences (every sequence has seq_length tokens, so this is also the token mean)
+and its perplexity is exp(loss).
 
 What is evaluated (`--split`):
   valid / test  the first `--eval-iters` x `--global-batch-size` samples of that split of the
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -44,291 +44,19 @@ from typing import Any
 import numpy as np
 
 from agpt_jax import hostmem
+from agpt_jax.evaluate import (
+    DTYPES,
+    SPLITS,
+    CorpusResult,
+    DataOptions,
+    EvaluateError,
+    LoadedModel,
+    next_token_losses,
+    perplexity,
+    read_samples,
+    summarize,
+)
 from agpt_jax.paths import output_file_problem
-
-SPLITS = ("valid", "test", "train", "all")
-DTYPES = ("float32", "bfloat16")
-
-
-class EvaluateError(ValueError):
-    """A user error: bad flags, a bad checkpoint, data or token file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataOptions:
-    """Which samples to evaluate.
-
-    Attributes:
-        file_list: the DATA_FILE_LIST.
-        split: valid | test | train | all (see the module docstring).
-        seq_length: tokens per sample (each sample reads seq_length + 1 tokens).
-        global_batch_size: Megatron's --global-batch-size (shapes the blend and the sample count).
-        eval_iters: batches evaluated in the valid/test/train splits.
-        seed: --seed of the blend.
-        data_split: Megatron's --split ratios (the run configs use "990,10,0").
-        train_iters: --train-iters of the run whose blend to reproduce.
-        eval_interval: --eval-interval of that run.
-        max_samples: split "all": at most this many samples per file (None: all).
-        cache_dir: where sample indices are cached (None: not cached).
-        shuffle_sample_in_corpus, blend_sample_in_corpus: Megatron's in-corpus flags, as the run
-            used them (the recipes: shuffle on, blend off, as AuroraGPT's launcher passes them).
-    """
-
-    file_list: str
-    split: str = "valid"
-    seq_length: int = 0
-    global_batch_size: int = 8
-    eval_iters: int = 10
-    seed: int = 1234
-    data_split: str = "990,10,0"
-    train_iters: int = 1
-    eval_interval: int = 100
-    max_samples: int | None = None
-    cache_dir: str | None = None
-    shuffle_sample_in_corpus: bool = True
-    blend_sample_in_corpus: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSamples:
-    """Samples with their corpus.
-
-    Attributes:
-        rows: int64 [n, seq_length + 1] token rows (inputs are rows[:, :-1], labels rows[:, 1:]).
-        corpus_ids: int32 [n] index into `corpora`.
-        corpora: corpus names.
-    """
-
-    rows: np.ndarray
-    corpus_ids: np.ndarray
-    corpora: list[str]
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusResult:
-    """Loss of one corpus (or "total"): mean token cross-entropy in nats, exp of it, counts."""
-
-    name: str
-    samples: int
-    tokens: int
-    loss: float
-    perplexity: float
-
-
-class LoadedModel:
-    """A checkpoint's params placed on a mesh with the compiled eval step of training.
-
-    Attributes:
-        config: the GPTConfig evaluated (compute dtype as requested).
-        checkpoint: the resolved checkpoint directory.
-        params: params tree of sharded jax Arrays (fp32).
-        trainer: `agpt_jax.train.CompiledTrainer`; only `evaluate` and the shardings are used.
-        data_parallel: devices a batch is split over (batches are padded to a multiple).
-    """
-
-    def __init__(self, checkpoint: str, dtype: str | None = None, mesh_spec: str = "") -> None:
-        import jax
-        import optax
-
-        from agpt_jax import init_checkpoint as ic
-        from agpt_jax import optim, runtime
-        from agpt_jax import train as train_lib
-
-        try:
-            self.checkpoint = ic.resolve_checkpoint_dir(checkpoint)
-            config = ic.model_config(self.checkpoint)
-        except ic.CheckpointError as e:
-            raise EvaluateError(f"--checkpoint: {e}") from None
-        if dtype is not None:
-            if dtype not in DTYPES:
-                raise EvaluateError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-            config = config.replace(compute_dtype=dtype)
-        self.config = config
-        try:
-            mesh = runtime.make_mesh(runtime.parse_mesh(mesh_spec))
-        except ValueError as e:
-            raise EvaluateError(f"--mesh: {e}") from None
-        self.data_parallel = int(mesh.shape["data"] * mesh.shape["fsdp"])
-        # Only the eval function is used: jit compiles lazily, so the train step never compiles.
-        self.trainer = train_lib.build_trainer(
-            config, optim.OptimConfig(), optax.constant_schedule(0.0),
-            train_lib.StepConfig(global_batch_size=self.data_parallel), mesh)
-        try:
-            self.params = ic.restore_params(self.checkpoint, self.trainer.abstract_state.params)
-        except (ValueError, KeyError) as e:
-            raise EvaluateError(f"--checkpoint {self.checkpoint}: its params do not match the "
-                                f"model in its metadata ({e})") from None
-        self._logits_fn = None
-        self._jax = jax
-
-    def _padded(self, rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
-        """Rows padded with copies of row 0 to a multiple of `batch_size`; returns (rows, n)."""
-        n = rows.shape[0]
-        total = -(-n // batch_size) * batch_size
-        if total == n:
-            return rows, n
-        pad = np.repeat(rows[:1], total - n, axis=0)
-        return np.concatenate([rows, pad]), n
-
-    def batch_rows(self, requested: int) -> int:
-        """`requested` rounded up to a multiple of the data-parallel devices."""
-        dp = self.data_parallel
-        return max(dp, -(-requested // dp) * dp)
-
-    def sequence_losses(self, rows: np.ndarray, batch_size: int) -> np.ndarray:
-        """Mean token cross-entropy of every row.
-
-        Args:
-            rows: int [n, S + 1] tokens; inputs rows[:, :-1], labels rows[:, 1:].
-            batch_size: rows per compiled call (rounded up to the data-parallel size).
-
-        Returns:
-            float32 [n].
-        """
-        jax = self._jax
-        b = self.batch_rows(batch_size)
-        padded, n = self._padded(np.asarray(rows), b)
-        out = []
-        for start in range(0, padded.shape[0], b):
-            chunk = padded[start:start + b]
-            batch = {
-                "tokens": jax.device_put(chunk[:, :-1].astype(np.int32),
-                                         self.trainer.batch_sharding),
-                "labels": jax.device_put(chunk[:, 1:].astype(np.int32),
-                                         self.trainer.batch_sharding),
-            }
-            metrics = self.trainer.evaluate(self.params, batch)
-            out.append(np.asarray(jax.device_get(metrics["sequence_loss"]), np.float32))
-        return np.concatenate(out)[:n]
-
-    def logits(self, tokens: np.ndarray, batch_size: int) -> np.ndarray:
-        """Logits of token rows, through the same model and mesh rules as the eval step.
-
-        Args:
-            tokens: int [n, L] with 1 <= L; ids must be < padded_vocab_size.
-            batch_size: rows per compiled call (rounded up to the data-parallel size).
-
-        Returns:
-            float32 [n, L, padded_vocab_size] (computed in the compute dtype, then widened).
-        """
-        jax = self._jax
-        if self._logits_fn is None:
-            self._logits_fn = self._build_logits_fn()
-        b = self.batch_rows(batch_size)
-        padded, n = self._padded(np.asarray(tokens, np.int32), b)
-        out = []
-        for start in range(0, padded.shape[0], b):
-            chunk = jax.device_put(padded[start:start + b], self.trainer.batch_sharding)
-            out.append(np.asarray(jax.device_get(self._logits_fn(self.params, chunk)),
-                                  np.float32))
-        return np.concatenate(out)[:n]
-
-    def _build_logits_fn(self):
-        import flax.linen as nn
-        import jax
-        import jax.numpy as jnp
-
-        from agpt_jax import model as model_lib
-        from agpt_jax import sharding as sh
-
-        mesh = self.trainer.mesh
-        rules = sh.ShardingPlan.build(mesh).param_rules
-        model = model_lib.GPT(self.config)
-
-        def fn(params, tokens):
-            with mesh, nn.logical_axis_rules(rules):
-                return model.apply({"params": params}, tokens).astype(jnp.float32)
-
-        return jax.jit(fn)
-
-
-def read_samples(opts: DataOptions) -> EvalSamples:
-    """The samples of `opts.split` (see the module docstring).
-
-    Raises:
-        EvaluateError: a bad list, split or sizes (the message names the flag to change).
-    """
-    from agpt_jax.data import BlendConfig, DataError, build_blended_splits, read_file_list
-
-    try:
-        entries = read_file_list(opts.file_list)
-        if opts.split == "all":
-            return _read_all(entries, opts)
-        cfg = BlendConfig(seq_length=opts.seq_length, global_batch_size=opts.global_batch_size,
-                          train_iters=opts.train_iters, eval_interval=opts.eval_interval,
-                          eval_iters=max(opts.eval_iters, 1), seed=opts.seed,
-                          split=opts.data_split, cache_dir=opts.cache_dir,
-                          shuffle_sample_in_corpus=opts.shuffle_sample_in_corpus,
-                          blend_sample_in_corpus=opts.blend_sample_in_corpus)
-        splits = build_blended_splits(entries, cfg)
-    except DataError as e:
-        raise EvaluateError(f"--data-file-list {opts.file_list}: {e}") from None
-    if opts.split not in splits:
-        raise EvaluateError(
-            f"--data-split {opts.data_split!r} gives the {opts.split} split no documents; pass "
-            f"--split all to evaluate every document, or a --data-split with a {opts.split} share")
-    ds = splits[opts.split]
-    n = min(opts.eval_iters * opts.global_batch_size, len(ds))
-    rows = np.empty((n, opts.seq_length + 1), np.int64)
-    ids = np.empty(n, np.int32)
-    for i in range(n):
-        rows[i], ids[i] = ds[i]
-    return EvalSamples(rows, ids, list(ds.corpora))
-
-
-def _read_all(entries, opts: DataOptions) -> EvalSamples:
-    """One epoch of every file over all its documents, in Megatron's sample order."""
-    from agpt_jax.data import GPTDataset, IndexedDataset
-
-    corpora = sorted({e.corpus for e in entries})
-    rows, ids = [], []
-    seen: set[str] = set()
-    for e in entries:
-        if e.prefix in seen:  # a file listed twice is still one file's samples
-            continue
-        seen.add(e.prefix)
-        ds = IndexedDataset(e.prefix)
-        documents = np.arange(len(ds), dtype=np.int32)
-        tokens = ds.num_tokens
-        n = (tokens - 1) // opts.seq_length
-        if n < 1:
-            raise EvaluateError(f"--data-file-list {opts.file_list} line {e.line}: {e.prefix} has "
-                                f"{tokens} tokens, fewer than one sample of --seq-length "
-                                f"{opts.seq_length} + 1")
-        gpt = GPTDataset(ds, "all", documents, n, opts.seq_length, opts.seed, opts.cache_dir)
-        take = n if opts.max_samples is None else min(n, opts.max_samples)
-        rows.append(np.stack([gpt[i] for i in range(take)]))
-        ids.append(np.full(take, corpora.index(e.corpus), np.int32))
-    return EvalSamples(np.concatenate(rows), np.concatenate(ids), corpora)
-
-
-def summarize(losses: np.ndarray, samples: EvalSamples, seq_length: int) -> list[CorpusResult]:
-    """Per-corpus and total loss and perplexity.
-
-    Args:
-        losses: float32 [n] mean token loss of every sample.
-        samples: the samples (for corpus ids and names).
-        seq_length: tokens scored per sample.
-
-    Returns:
-        One CorpusResult per corpus with samples (in name order), then "total".
-    """
-    out = []
-    for c, name in enumerate(samples.corpora):
-        sel = samples.corpus_ids == c
-        if not np.any(sel):
-            continue
-        loss = float(np.mean(losses[sel], dtype=np.float64))
-        out.append(CorpusResult(name, int(sel.sum()), int(sel.sum()) * seq_length, loss,
-                                _perplexity(loss)))
-    loss = float(np.mean(losses, dtype=np.float64))
-    out.append(CorpusResult("total", int(losses.size), int(losses.size) * seq_length, loss,
-                            _perplexity(loss)))
-    return out
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def format_table(results: Sequence[CorpusResult]) -> str:
@@ -359,15 +87,6 @@ def read_token_rows(path: str, vocab: int) -> np.ndarray:
         raise EvaluateError(f"--tokens {path}: ids span [{lo}, {hi}], outside the model's padded "
                             f"vocabulary [0, {vocab})")
     return tokens.astype(np.int32)
-
-
-def next_token_losses(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1], float64 [rows]."""
-    x = logits[:, :-1].astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    lse = (m[..., 0] + np.log(np.exp(x - m).sum(-1)))
-    target = np.take_along_axis(x, tokens[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-    return (lse - target).mean(axis=-1)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -465,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if tokens.shape[1] > 1:
             loss = float(np.mean(next_token_losses(logits, tokens)))
             report["logits"]["next_token_loss"] = loss
-            print(f"next-token loss within the rows {loss:.4f} (ppl {_perplexity(loss):.2f})")
+            print(f"next-token loss within the rows {loss:.4f} (ppl {perplexity(loss):.2f})")
     if args.data_file_list is not None:
         opts = DataOptions(
             file_list=args.data_file_list, split=args.split,

@@ -237,3 +237,46 @@ def test_bad_input_is_one_clear_line(work, run_dir, file_list, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: ") and needle in err[0], err
     assert not os.path.exists(work / "x.npy")
+
+
+@pytest.mark.parametrize("mesh_spec", ["", "data=2,fsdp=2,tensor=2"])
+def test_eval_step_needs_no_optimizer_and_equals_the_trainers(run_dir, monkeypatch, mesh_spec):
+    """agpt_jax.evaluate compiles training's eval step for the params alone: with the optimizer
+    made unbuildable it still loads and evaluates, and its params' shardings and per-sequence
+    losses are exactly those of the trainer's `evaluate` (what scripts/evaluate.py used before)."""
+    import jax
+    import optax
+
+    from agpt_jax import evaluate as evaluate_lib
+    from agpt_jax import optim
+    from agpt_jax import train as train_lib
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("evaluation built an optimizer")
+
+    with monkeypatch.context() as m:
+        m.setattr(optim, "make_optimizer", no_optimizer)
+        m.setattr(train_lib, "build_trainer", no_optimizer)
+        loaded = evaluate_lib.LoadedModel(run_dir, "float32", mesh_spec)
+        rows = np.random.default_rng(3).integers(0, 100, (11, SEQ + 1))
+        losses = loaded.sequence_losses(rows, 5)  # padded to a multiple of the data-parallel size
+    assert losses.shape == (11,) and losses.dtype == np.float32
+
+    mesh = loaded.step.mesh
+    trainer = train_lib.build_trainer(loaded.config, optim.OptimConfig(),
+                                      optax.constant_schedule(0.0),
+                                      train_lib.StepConfig(global_batch_size=loaded.data_parallel),
+                                      mesh)
+    ours = jax.tree.leaves(jax.tree.map(lambda a: a.sharding, loaded.step.abstract_params))
+    theirs = jax.tree.leaves(jax.tree.map(lambda a: a.sharding, trainer.abstract_state.params))
+    assert ours == theirs
+    assert loaded.step.batch_sharding == trainer.batch_sharding
+    b = loaded.batch_rows(5)
+    padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % b, axis=0)])
+    reference = []
+    for start in range(0, len(padded), b):
+        chunk = padded[start:start + b]
+        batch = {k: jax.device_put(v.astype(np.int32), trainer.batch_sharding)
+                 for k, v in (("tokens", chunk[:, :-1]), ("labels", chunk[:, 1:]))}
+        reference.append(np.asarray(trainer.evaluate(loaded.params, batch)["sequence_loss"]))
+    np.testing.assert_array_equal(losses, np.concatenate(reference)[:len(rows)])

@@ -102,5 +102,83 @@ def test_a_list_that_is_not_utf8_is_one_clear_error(tmp_path):
     lst.write_bytes("1.0 caf\u00e9 web\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.txt' is not UTF-8 text .*save it as UTF-8"):
         read_file_list(str(lst))
-    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"latin1\.txt' is not UTF-8 text .*save it as UTF-8"):
         mix_file_lists([(1.0, str(lst))])
+
+
+# One parser, one set of rules: every line read_file_list refuses, mix_file_lists refuses with the
+# same words, naming the list and the line (blendcorpus' mix_datasets.py would take the first 3
+# fields of the 4-field line and print the negative weight).
+@pytest.mark.parametrize("bad, needle", [
+    ("0.5 /x/my file papers", "line 2: expected 3 fields 'weight prefix corpus', got 4: "
+                              "'0.5 /x/my file papers'"),
+    ("-0.5 /x/p2 papers", "line 2: weight -0.5 must be a positive finite number"),
+    ("0 /x/p2 papers", "line 2: weight 0 must be a positive finite number"),
+    ("nan /x/p2 papers", "line 2: weight nan must be a positive finite number"),
+    ("inf /x/p2 papers", "line 2: weight inf must be a positive finite number"),
+    ("heavy /x/p2 papers", "line 2: weight 'heavy' is not a number"),
+    ("1.0 /x/p2", "line 2: expected 3 fields 'weight prefix corpus', got 2: '1.0 /x/p2'"),
+])
+def test_both_readers_refuse_the_same_lines_naming_file_and_line(tmp_path, bad, needle):
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"1.0 /x/p1 papers\n{bad}\n")
+    with pytest.raises(DataError) as read_err:
+        read_file_list(str(lst), check_files=False)
+    assert str(read_err.value) == f"DATA_FILE_LIST {lst}: 1 problem(s):\n  {needle}"
+    good = tmp_path / "good.txt"
+    good.write_text("1.0 /y/d dolma\n")
+    with pytest.raises(DataError) as mix_err:
+        mix_file_lists([(0.5, str(good)), (0.5, str(lst))])
+    assert str(mix_err.value) == f"mix inputs: 1 problem(s):\n  DATA_FILE_LIST {lst}: {needle}"
+
+
+def test_both_readers_skip_the_same_lines_and_read_the_same_fields(tmp_path):
+    """Comments, blank and whitespace-only lines, tabs and CRLF: the same entries from both."""
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"# header\r\n\r\n  \t \r\n 2\t/x/p1.bin  papers \r\n#0 /x/no web\r\n"
+                    b"6 rel/p2 web\r\n")
+    read = read_file_list(str(lst), check_files=False)
+    assert [(e.weight, e.corpus, e.line) for e in read] == [(2.0, "papers", 4), (6.0, "web", 6)]
+    assert [e.prefix for e in read] == ["/x/p1", str(tmp_path / "rel" / "p2")]  # resolved
+    mixed = mix_file_lists([(1.0, str(lst))])
+    assert [(m.weight, m.prefix, m.corpus) for m in mixed] == [  # prefixes kept as written
+        (0.25, "/x/p1.bin", "papers"), (0.75, "rel/p2", "web")]
+
+
+def test_a_list_without_entries_is_refused_by_both(tmp_path):
+    """blendcorpus exits on such a list too (its weights sum to 0)."""
+    lst = tmp_path / "empty.txt"
+    lst.write_text("# nothing yet\n\n")
+    needle = "no entries; a DATA_FILE_LIST needs at least one 'weight prefix corpus' line"
+    with pytest.raises(DataError) as read_err:
+        read_file_list(str(lst))
+    assert str(read_err.value) == f"DATA_FILE_LIST {lst}: 1 problem(s):\n  {needle}"
+    with pytest.raises(DataError) as mix_err:
+        mix_file_lists([(1.0, str(lst))])
+    assert str(mix_err.value) == f"mix inputs: 1 problem(s):\n  DATA_FILE_LIST {lst}: {needle}"
+
+
+def test_mix_reports_every_bad_line_of_every_list_at_once(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("1 /x/p papers\n0 /x/q papers\n")
+    b.write_text("1 /y/d dolma extra\n-1 /y/e dolma\n")
+    with pytest.raises(DataError) as err:
+        mix_file_lists([(0.5, str(a)), (0.5, str(b)), (1.0, str(tmp_path / "none.txt"))])
+    assert str(err.value).splitlines() == [
+        "mix inputs: 4 problem(s):",
+        f"  DATA_FILE_LIST {a}: line 2: weight 0 must be a positive finite number",
+        f"  DATA_FILE_LIST {b}: line 1: expected 3 fields 'weight prefix corpus', got 4: "
+        "'1 /y/d dolma extra'",
+        f"  DATA_FILE_LIST {b}: line 2: weight -1 must be a positive finite number",
+        f"  {tmp_path / 'none.txt'}: cannot open the list"]
+
+
+def test_read_file_list_reports_problems_in_line_order(tmp_path):
+    """A missing file is found after the line checks, but listed in its line's place."""
+    write_indexed_dataset(str(tmp_path / "ok"), [[1, 2]], np.uint16)
+    lst = tmp_path / "list.txt"
+    lst.write_text("1.0 missing web\n0 ok web\n1.0 gone web\n1.0 ok web x\n")
+    with pytest.raises(DataError) as err:
+        read_file_list(str(lst))
+    assert [line.split(":")[0] for line in str(err.value).splitlines()[1:]] == [
+        "  line 1", "  line 2", "  line 3", "  line 4"]
