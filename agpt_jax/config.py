@@ -18,7 +18,7 @@ from typing import Any
 from absl import logging
 
 from agpt_jax import model as model_lib
-from agpt_jax import optim
+from agpt_jax import optim, schedules
 from agpt_jax.runtime import MeshConfig, parse_mesh
 
 RECIPES = ("legacy", "constant_cooldown", "cooldown", "pretrain")
@@ -170,7 +170,7 @@ class RunConfig:
     model: model_lib.GPTConfig
     data: DataConfig
     batch: BatchConfig
-    schedule: optim.ScheduleConfig
+    schedule: schedules.ScheduleConfig
     optim: optim.OptimConfig
     mesh: MeshConfig
     checkpoint: CheckpointConfig
@@ -374,13 +374,16 @@ def from_config(config: Mapping[str, Any], device_count: int,
 
     # Schedule and optimizer.
     schedule = optimizer = None
-    if float(c["cooldown_frac"]) and c["lr_decay_style"] != "constant":
+    style = schedules.DECAY_STYLES.get(c["lr_decay_style"])  # unknown: ScheduleConfig says so
+    if float(c["cooldown_frac"]) and style is not None and not style.accepts_cooldown:
+        cooling = [s.name for s in schedules.DECAY_STYLES.values() if s.accepts_cooldown]
         problems.append(f"config.cooldown_frac={c['cooldown_frac']} needs "
-                        f"lr_decay_style 'constant' (LR_DECAY_STYLE), not {c['lr_decay_style']!r}")
+                        f"lr_decay_style {' or '.join(map(repr, cooling))} (LR_DECAY_STYLE), not "
+                        f"{c['lr_decay_style']!r}")
     elif train_iters and batch is not None:
         frac = float(c["lr_warmup_frac"])
         try:
-            schedule = optim.ScheduleConfig(
+            schedule = schedules.ScheduleConfig(
                 style=c["lr_decay_style"], max_lr=float(c["lr"]), min_lr=float(c["min_lr"]),
                 train_iters=train_iters, decay_iters=int(c["lr_decay_iters"]) or None,
                 warmup_fraction=frac if frac > 0 else None,

@@ -8,9 +8,13 @@ A checkpoint directory is one Orbax `CheckpointManager` step with these items:
     DIR/adam/                  Orbax PyTree item: {"mu": params-like, "nu": params-like,
                                "count": int32 scalar}; absent when converted without optimizer state
     DIR/metadata/metadata      JSON (Orbax's JsonCheckpointHandler layout): {"format": "agpt-jax",
-                               "format_version": 1, "source", "iteration", "adam_step", "model"
+                               "format_version": 1, "created_by", "source", "iteration",
+                               "adam_step", "has_optimizer_state", "model"
                                (dataclasses.asdict(GPTConfig)), "original_vocab_size",
-                               "padded_vocab_size", "param_groups", "megatron_args", ...}
+                               "padded_vocab_size", "last_lr"; a training run's step adds
+                               "run_config" (RunConfig.to_json)}, plus what a converter
+                               recorded of a foreign source (param_groups, megatron_args, ...),
+                               which agpt_jax carries through unread
 
 A training run writes the same items (plus `train` and `data`) under `SAVE/checkpoints/<step>/`
 through its CheckpointManager; `resolve_checkpoint_dir` accepts either.

@@ -14,7 +14,7 @@ has changed since (re-converting silently would hide which weights the run start
 Names, sizes and times rather than a hash of the bytes: a 7B universal checkpoint is ~80 GB,
 and hashing it would cost minutes at every start.
 
-May import: agpt_jax (config, data, init_checkpoint, loop's input checks) and converters.
+May import: agpt_jax (config, init_checkpoint, start's input checks) and converters.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from absl import logging
 
 from agpt_jax import config as config_lib
 from agpt_jax import init_checkpoint as ic
+from agpt_jax import start
 from agpt_jax.config import ConfigError, RunConfig
 from converters import universal as uv
 
@@ -133,9 +134,9 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
 
     An agpt-jax LOAD is returned as it is. Unless this is a dry run (which reads nothing of LOAD
     beyond its kind) or SAVE already holds a step to resume from, a universal LOAD is checked
-    against the configured model and converted into SAVE/converted_init by the main process (the others wait); the returned config loads
-    that conversion and keeps the universal path in `checkpoint.origin`, which the run's
-    metadata records as its source.
+    against the configured model and converted into SAVE/converted_init by the main process
+    (the others wait); the returned config loads that conversion and keeps the universal path
+    in `checkpoint.origin`, which the run's metadata records as its source.
 
     Raises:
         ConfigError: --universal-checkpoint with another kind of LOAD; LOAD of another model.
@@ -143,8 +144,6 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
         UniversalCheckpointError / CheckpointError: LOAD is malformed, or SAVE holds the
             conversion of another LOAD.
     """
-    from agpt_jax import loop
-
     load = cfg.checkpoint.load
     if not load:
         return cfg
@@ -154,9 +153,9 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
     if dry_run:
         return cfg
     dst = os.path.join(cfg.run_dir, CONVERTED_INIT)
-    resuming = loop.has_complete_step(cfg.run_dir)
+    resuming = start.has_complete_step(cfg.run_dir)
     if not resuming:
-        loop.check_inputs(cfg)  # bad data changes no file, not even the conversion
+        start.check_inputs(cfg)  # bad data changes no file, not even the conversion
         # A checkpoint of another model size fails here, before anything is written.
         config_lib.check_model(cfg, uv.open_universal(load).config, load)
         if rt.is_main_process:

@@ -256,7 +256,6 @@ def split_qkv(w: np.ndarray, config: GPTConfig) -> tuple[np.ndarray, np.ndarray,
         q [H, nq, D], k [H, nkv, D], v [H, nkv, D].
     """
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
-    g = nq // nkv
     grouped = w.reshape(nkv, g + 2, d, h)
     q = grouped[:, :g].reshape(nq, d, h)
     k = grouped[:, g]
@@ -268,7 +267,6 @@ def split_qkv(w: np.ndarray, config: GPTConfig) -> tuple[np.ndarray, np.ndarray,
 def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: GPTConfig) -> np.ndarray:
     """Inverse of `split_qkv`: q [H, nq, D], k/v [H, nkv, D] -> [(nq + 2 nkv) * D, H]."""
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
-    g = nq // nkv
     # [H, n, D] -> [n, D, H]: one 2-D transpose of [H, n * D].
     qr, kr, vr = (transposed(x.reshape(h, -1)).reshape(nkv, -1, d, h) for x in (q, k, v))
     return np.concatenate([qr, kr, vr], axis=1).reshape((nq + 2 * nkv) * d, h)

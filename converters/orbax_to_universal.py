@@ -240,21 +240,67 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
     return folder
 
 
+def run_args(run: Mapping[str, Any], config: GPTConfig, iteration: int) -> dict[str, Any]:
+    """The Megatron-DeepSpeed args (names of megatron/arguments.py) of an agpt-jax run, from its
+    `run_config` (agpt_jax.config.RunConfig.to_json), so the exported checkpoint carries the
+    run's own training settings (spec §1.2-1.4)."""
+    s, b, o = run["schedule"], run["batch"], run["optim"]
+    return {
+        "seq_length": b["seq_length"],
+        "max_position_embeddings": 16 * b["seq_length"],  # helpers.sh passes 16*SEQ
+        "tensor_model_parallel_size": config.tensor_parallel_for_padding,
+        "pipeline_model_parallel_size": 1, "init_method_std": config.init_std,
+        "bf16": config.compute_dtype == "bfloat16", "iteration": iteration,
+        "train_iters": run["train_iters"], "global_batch_size": b["global_batch_size"],
+        "micro_batch_size": b["micro_batch"], "lr": s["max_lr"], "min_lr": s["min_lr"],
+        "lr_decay_style": s["style"], "lr_warmup_fraction": s["warmup_fraction"],
+        "lr_decay_iters": s["decay_iters"], "seed": run["data"]["seed"],
+        "adam_beta1": o["beta1"], "adam_beta2": o["beta2"], "adam_eps": o["eps"],
+        "weight_decay": o["weight_decay"], "clip_grad": o["clip_grad"],
+    }
+
+
+def run_param_groups(run: Mapping[str, Any], lr: float,
+                     source_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """torch/DeepSpeed param groups of an agpt-jax run (Megatron's order: decayed, then not),
+    at the LR of its last update; the source checkpoint's groups lend their other fields."""
+    o = run["optim"]
+    if source_groups and len(source_groups) == 2:
+        groups = [dict(g) for g in source_groups]
+    else:
+        groups = [{"wd_mult": 1.0, "lr_mult": 1.0, "amsgrad": False, "params": []},
+                  {"wd_mult": 0.0, "lr_mult": 1.0, "amsgrad": False, "params": []}]
+    for g, decayed in zip(groups, (True, False)):
+        g.update({"lr": float(lr), "betas": [o["beta1"], o["beta2"]], "eps": o["eps"],
+                  "weight_decay": o["weight_decay"] if decayed else 0.0})
+    return groups
+
+
 def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
                            step: float) -> UniversalContents:
-    """UniversalContents from agpt-jax metadata (what universal_to_orbax recorded)."""
+    """UniversalContents from agpt-jax metadata: what universal_to_orbax recorded of the source
+    and, for a training run's step, the run's own settings (`run_config`, `last_lr`)."""
     scheme = ml.NameScheme(meta.get("name_scheme", ml.NameScheme.MODULE.value))
+    iteration = int(meta.get("iteration") or 0)
+    run = meta.get("run_config")
+    groups = meta.get("param_groups")
+    # The source's args (a legacy run's full flag set) updated with this run's values.
+    args = dict(meta.get("megatron_args") or {})
+    if run:
+        args.update(run_args(run, config, iteration))
+        lr = meta.get("last_lr")
+        if lr is None and groups:  # a step written before last_lr was recorded
+            lr = groups[0].get("lr")
+        groups = run_param_groups(run, float(lr or 0.0), groups)
     # Model-shape args always come from the model config, so a checkpoint whose metadata lacks
     # them (e.g. trained from scratch) still exports as one Megatron can load.
-    args = {**dict(meta.get("megatron_args") or {}), **ml.megatron_model_args(config)}
+    args.update(ml.megatron_model_args(config))
     args.setdefault("max_position_embeddings", config.seq_length)
     args.setdefault("tensor_model_parallel_size", config.tensor_parallel_for_padding)
-    groups = meta.get("param_groups")
     if not groups:
         raise uv.UniversalCheckpointError(
             "checkpoint metadata has no 'param_groups'; DeepSpeed needs them in "
             "zero/optimizer_state.pt (the training driver must record its optimizer's groups)")
-    iteration = int(meta.get("iteration") or 0)
     return UniversalContents(
         config=config, scheme=scheme, iteration=iteration, step=step,
         param_groups=list(groups), args=args,

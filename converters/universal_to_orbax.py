@@ -74,6 +74,12 @@ def _state_plan(optimizer_state: bool) -> list[tuple[str, tuple[str, ...], str]]
     return plan
 
 
+def _saved_lr(groups: list[dict]) -> float | None:
+    """The LR the optimizer last used (its first param group's), as DeepSpeed saved it."""
+    lrs = [g.get("lr") for g in groups if isinstance(g, dict) and g.get("lr") is not None]
+    return float(lrs[0]) if lrs else None
+
+
 def build_metadata(ckpt: uv.UniversalCheckpoint, step: float | None) -> dict:
     """The agpt-jax metadata of a converted checkpoint (all JSON-safe)."""
     cfg = ckpt.config
@@ -90,6 +96,7 @@ def build_metadata(ckpt: uv.UniversalCheckpoint, step: float | None) -> dict:
         "padded_vocab_size": cfg.padded_vocab_size,
         "name_scheme": ckpt.scheme.value,
         "param_groups": uv.to_jsonable(ckpt.param_groups),
+        "last_lr": _saved_lr(ckpt.param_groups),
         "megatron_args": uv.to_jsonable(ckpt.args),
         "checkpoint_version": uv.to_jsonable(ckpt.checkpoint_version),
         "universal_checkpoint_info": uv.to_jsonable(ckpt.universal_info),

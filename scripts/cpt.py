@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
 def _main() -> int:
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from agpt_jax import config as config_lib
-    from agpt_jax import loop, runtime
+    from agpt_jax import loop, run_files, runtime
     from agpt_jax.data import DataError
     from agpt_jax.checkpoint import CheckpointWriteError
     from agpt_jax.init_checkpoint import CheckpointError
@@ -157,7 +157,7 @@ def _main() -> int:
         cfg = load.prepare(cfg, rt, dry_run=_DRY_RUN.value)
         if _DRY_RUN.value:
             described = load.describe(cfg.checkpoint.load) if cfg.checkpoint.load else None
-            report = loop.dry_run(cfg, rt, load_description=described)
+            report = run_files.dry_run(cfg, rt, load_description=described)
             if rt.is_main_process:
                 print(report.summary.split("\n", len(config_lib.describe(cfg).splitlines()))[-1],
                       flush=True)

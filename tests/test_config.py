@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agpt_jax import config as config_lib
-from agpt_jax import optim
+from agpt_jax import schedules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = ("legacy", "constant_cooldown", "cooldown", "pretrain")
@@ -178,10 +178,10 @@ def _cooldown_lr(n: int, max_lr: float, min_lr: float, frac: float, decay: float
 
 
 def test_lr_schedule_rows_follow_megatron(paths):
-    from agpt_jax import loop
+    from agpt_jax import run_files
 
     cfg = resolve(load_config("legacy", "smoke"), paths, train_iters=40)
-    its, lrs = loop.lr_schedule_rows(cfg)
+    its, lrs = run_files.lr_schedule_rows(cfg)
     g = cfg.batch.global_batch_size
     want = [_megatron_lr((k - 1) * g, cfg.schedule.max_lr, cfg.schedule.min_lr,
                          0.05 * 40 * g, 40 * g, "cosine") for k in its]
@@ -194,7 +194,7 @@ def test_lr_schedule_rows_follow_megatron(paths):
         cd = load_config("constant_cooldown", scale)
         assert (cd.cooldown_frac, cd.min_lr, cd.lr_warmup_frac) == (0.05, 0.0, 0.0), scale
     cfg = resolve(load_config("constant_cooldown", "smoke"), paths, train_iters=40)
-    its, lrs = loop.lr_schedule_rows(cfg)
+    its, lrs = run_files.lr_schedule_rows(cfg)
     want = [_cooldown_lr((k - 1) * g, cfg.schedule.max_lr, 0.0, 0.05, 40 * g) for k in its]
     np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
     assert lrs[0] == cfg.schedule.max_lr  # no warmup: the first update runs at the constant LR
@@ -205,15 +205,15 @@ def test_schedule_matches_optax_schedule(paths):
     step uses (float32), against spec §2.3 written out above (constant style with
     --lr_constant_plus_cooldown_frac 1.0: 1-sqrt from LR to MIN_LR over the whole branch)."""
     cfg = resolve(load_config("cooldown", "smoke"), paths, cooldown_tokens=40 * 32 * 16)
-    from agpt_jax import loop
+    from agpt_jax import run_files
 
-    its, lrs = loop.lr_schedule_rows(cfg)
+    its, lrs = run_files.lr_schedule_rows(cfg)
     g = cfg.batch.global_batch_size
     assert cfg.train_iters == 40 and (cfg.schedule.max_lr, cfg.schedule.min_lr) == (1e-3, 1e-4)
     want = [_cooldown_lr((k - 1) * g, 1e-3, 1e-4, 1.0, 40 * g) for k in its]
     np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
     # float32: 1 - sqrt(r) near r = 1 keeps ~6e-8 absolute, i.e. up to ~5e-7 of the last LRs.
-    sched = optim.make_schedule(cfg.schedule)
+    sched = schedules.make_schedule(cfg.schedule)
     np.testing.assert_allclose([float(sched(k - 1)) for k in its], want, rtol=1e-6)
     assert lrs[-1] < lrs[0]
 

@@ -25,7 +25,7 @@ import pytest
 from agpt_jax import checkpoint as ckpt_lib
 from agpt_jax import config as config_lib
 from agpt_jax import init_checkpoint as ic
-from agpt_jax import loop, runtime
+from agpt_jax import loop, run_files, runtime
 from agpt_jax.data import DataError, write_indexed_dataset
 from agpt_jax.metrics import read_metrics
 
@@ -102,7 +102,13 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
     meta = ic.read_metadata(save)  # the converters' reader accepts a run's step
     assert meta["iteration"] == 6 and meta["adam_step"] == 6
     assert ic.model_config(save) == make_cfg("pretrain", data_file_list="x", save=save).model
-    assert [g["weight_decay"] for g in meta["param_groups"]] == [0.1, 0.0]
+    # The export to Megatron builds the run's param groups (decayed, then not) at its last LR.
+    from converters import orbax_to_universal
+
+    groups = orbax_to_universal.contents_from_metadata(meta, ic.model_config(save), 6).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    last_lr = [r["lr"] for r in read_metrics(os.path.join(save, "metrics.jsonl")) if "lr" in r][-1]
+    assert meta["last_lr"] == last_lr and all(g["lr"] == last_lr for g in groups)
     records = [r for r in read_metrics(os.path.join(save, "metrics.jsonl")) if "loss" in r]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[0]["lr"] == 0.0  # Megatron's warmup starts at 0 (spec §2.1)
@@ -264,10 +270,10 @@ def test_dry_run_writes_the_schedule_and_names_a_missing_file(rt, data, tmp_path
     cfg = make_cfg("constant_cooldown", data_file_list=data["mix"], load=str(tmp_path),
                    save=str(tmp_path / "dry"), train_iters=50)
     with pytest.raises(ic.CheckpointError):  # LOAD is an empty folder, not a checkpoint
-        loop.dry_run(cfg, rt)
+        run_files.dry_run(cfg, rt)
     cfg = make_cfg("pretrain", data_file_list=data["mix"], save=str(tmp_path / "dry"),
                    train_iters=50)
-    report = loop.dry_run(cfg, rt)
+    report = run_files.dry_run(cfg, rt)
     assert "corpus papers: share 0.9000" in report.summary
     with open(report.lr_csv) as f:
         assert len(f.read().splitlines()) == 51
@@ -275,7 +281,7 @@ def test_dry_run_writes_the_schedule_and_names_a_missing_file(rt, data, tmp_path
     assert not os.path.isdir(os.path.join(cfg.run_dir, "checkpoints"))
     cfg = make_cfg("pretrain", data_file_list=data["broken"], save=str(tmp_path / "dry2"))
     with pytest.raises(DataError, match=r"line 2: missing .*missing_corpus\.bin"):
-        loop.dry_run(cfg, rt)
+        run_files.dry_run(cfg, rt)
 
 
 def _child_env(devices: int) -> dict[str, str]:
