@@ -25,9 +25,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The model and its attention kernels.
     ("agpt_jax.attention", "agpt_jax.model"),
     # The config, the step, the agpt-jax checkpoint format.
-    ("agpt_jax.config", "agpt_jax.train", "agpt_jax.init_checkpoint", "agpt_jax.checkpoint"),
+    ("agpt_jax.config", "agpt_jax.train", "agpt_jax.init_checkpoint", "agpt_jax.checkpoint",
+     "agpt_jax.evaluate"),
     # What runs: the training loop and the 7B planner.
-    ("agpt_jax.loop", "agpt_jax.plan"),
+    ("agpt_jax.start", "agpt_jax.run_files", "agpt_jax.loop", "agpt_jax.plan"),
     # The border with Megatron / DeepSpeed: every foreign name and layout.
     ("converters",),
 )
