@@ -18,7 +18,7 @@ from typing import Any
 from absl import logging
 
 from agpt_jax import model as model_lib
-from agpt_jax import optim, schedules
+from agpt_jax import optim, recipes, schedules
 from agpt_jax.runtime import MeshConfig, parse_mesh
 
 RECIPES = ("legacy", "constant_cooldown", "cooldown", "pretrain")
@@ -27,35 +27,10 @@ CPT_RECIPES = ("legacy", "constant_cooldown", "cooldown")
 STRATEGIES = ("fsdp", "zero1")
 PLATFORMS = ("auto", "cpu", "xpu")
 
-# The ConfigDict keys (configs/common.py) and the launcher variables each one defaults from
-# (several: the first set one wins, configs/common.py).
-ENV_OF_KEY: dict[str, tuple[str, ...]] = {
-    "data_file_list": ("DATA_FILE_LIST",), "load": ("LOAD",), "save": ("SAVE",),
-    "train_tokens": ("TRAIN_TOKENS",), "train_iters": ("TRAIN_ITERS", "TRAIN_ITER"),
-    "grad_acc_steps": ("GRAD_ACC_STEPS",), "micro_batch": ("MICRO_BATCH",),
-    "global_batch": ("GLOBAL_BATCH",), "seq_length": ("SEQ",), "lr": ("LR",),
-    "lr_decay_style": ("LR_DECAY_STYLE",),
-    "lr_warmup_frac": ("LR_WARMUP_FRAC",),
-    "min_lr": ("MIN_LR",), "save_interval": ("SAVE_INTERVAL",),
-    "eval_interval": ("EVAL_INTERVAL",), "eval_iters": ("EVAL_ITERS",), "tp": ("TP",),
-    "lr_decay_iters": ("LR_DECAY_ITERS",), "compute_dtype": ("DTYPE_COMPUTE",),
-    "split": ("SPLIT",), "seed": ("SEED",), "adam_beta1": ("ADAM_BETA1",),
-    "adam_beta2": ("ADAM_BETA2",), "adam_eps": ("ADAM_EPS",), "weight_decay": ("WEIGHT_DECAY",),
-    "clip_grad": ("CLIP_GRAD",), "log_interval": ("LOG_INTERVAL",),
-}
-KEYS = (
-    "recipe", "scale", "model", "seq_length", "compute_dtype", "attention", "remat",
-    "data_file_list", "split", "seed", "data_cache_dir", "shuffle_sample_in_corpus",
-    "blend_sample_in_corpus", "load", "save", "run_dir",
-    "load_optimizer_state", "reset_iteration", "universal_checkpoint", "allow_cooled_down_source",
-    "save_interval",
-    "keep_checkpoints", "train_tokens", "train_iters", "micro_batch", "grad_acc_steps",
-    "global_batch", "stop_at_iteration", "lr", "min_lr", "lr_decay_style", "lr_warmup_frac",
-    "lr_warmup_frac_note", "lr_warmup_iters", "lr_decay_iters", "cooldown_frac",
-    "cooldown_tokens", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "clip_grad", "tp",
-    "mesh", "strategy", "platform", "eval_interval", "eval_iters", "log_interval",
-    "max_skipped_in_a_row", "peak_tflops_per_device", "progress_bar",
-)
+# The ConfigDict keys (agpt_jax/recipes.py) and the launcher variables each one defaults from
+# (several: the first set one wins, agpt_jax/recipes.py).
+ENV_OF_KEY: dict[str, tuple[str, ...]] = {f.key: f.env for f in recipes.SCHEMA if f.env}
+KEYS: tuple[str, ...] = tuple(f.key for f in recipes.SCHEMA)
 
 
 class ConfigError(ValueError):
@@ -252,7 +227,7 @@ def from_config(config: Mapping[str, Any], device_count: int,
     """Validates a ConfigDict from configs/*.py and resolves the derived numbers.
 
     Args:
-        config: the ConfigDict (or any mapping with the keys of configs/common.py).
+        config: the ConfigDict (or any mapping with the keys of agpt_jax/recipes.py).
         device_count: devices across all processes (the mesh and data-parallel size need it).
         check_paths: check that LOAD exists (the dry run and the run both do).
 
@@ -267,10 +242,10 @@ def from_config(config: Mapping[str, Any], device_count: int,
     unknown = sorted(set(c) - set(KEYS))
     missing = sorted(set(KEYS) - set(c))
     if unknown:
-        problems.append(f"unknown config keys {unknown}; the keys are those of configs/common.py")
+        problems.append(f"unknown config keys {unknown}; the keys are those of agpt_jax/recipes.py")
     if missing:
         problems.append(f"config keys {missing} are missing; build configs with "
-                        "configs/common.py:base_config")
+                        "agpt_jax/recipes.py:base_config")
     if problems:
         raise ConfigError(problems)
     notes = [f"lr_warmup_frac={c['lr_warmup_frac']} (environment: {c['lr_warmup_frac_note']})"]

@@ -31,7 +31,7 @@ class Flag:
     Attributes:
         name: the flag as Megatron spells it, without the leading `--`.
         kind: bool (a switch), int, float or str.
-        key: the config key it sets (configs/common.py).
+        key: the config key it sets (agpt_jax/recipes.py).
         help: what it means in Megatron.
         launcher_overrides: train_alcf.sh passes this flag itself after the user's extra
             arguments (ALCF/helpers.sh `get_training_args`), so there argparse keeps the launcher's
@@ -178,7 +178,7 @@ def refusal(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) ->
             return (f"Megatron's --{name} is not taken by cpt.py; instead: {_REFUSED[name]}")
         accepted = " ".join(f"--{f.name}" for f in ACCEPTED)
         return (f"unknown flag --{name}; cpt.py takes --config.<key>=<value> (the keys of "
-                f"configs/common.py), its own flags (--helpfull) and these Megatron flags: "
+                f"agpt_jax/recipes.py), its own flags (--helpfull) and these Megatron flags: "
                 f"{accepted}")
     return None
 

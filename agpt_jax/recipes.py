@@ -18,8 +18,10 @@ that loading a config stays cheap and free of import cycles.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -109,10 +111,110 @@ def warmup_frac_from_env(default: float,
     return default, "the recipe's default (LR_WARMUP_FRAC is not set)" + ignored
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key: what `--config.<key>` sets, which launcher variables default it.
+
+    Attributes:
+        key: the ConfigDict key (`--config.<key>`).
+        kind: bool, int, float or str.
+        default: the value when no variable is set; SCALE: the scale's size (`SIZES`); RECIPE:
+            the recipe file's argument to `base_config`.
+        env: the launcher's environment variables (ALCF/helpers.sh), the first set one wins.
+        doc: what it means.
+    """
+
+    key: str
+    kind: type
+    default: Any
+    env: tuple[str, ...] = ()
+    doc: str = ""
+
+
+SCALE, RECIPE = "<the scale's>", "<the recipe's>"
+
+#: Every config key, in the order config.json lists them: the one table that base_config builds
+#: the ConfigDict from, that agpt_jax.config names env variables by, and that docs/config.md
+#: shows (with the Megatron flag of each key, from agpt_jax.megatron_flags).
+SCHEMA: tuple[Field, ...] = (
+    Field("recipe", str, RECIPE, doc="legacy | constant_cooldown | cooldown | pretrain"),
+    Field("scale", str, RECIPE, doc="agpt_7b | demo | smoke: the model and sizes"),
+    Field("model", str, SCALE, doc="the model preset (agpt_jax.model.PRESETS)"),
+    Field("seq_length", int, SCALE, ("SEQ",), "tokens per sequence"),
+    Field("compute_dtype", str, "", ("DTYPE_COMPUTE",), '"" = the preset\'s (bfloat16)'),
+    Field("attention", str, "", doc='"" = the runtime\'s default implementation'),
+    Field("remat", str, "", doc='"" = the preset\'s'),
+    Field("data_file_list", str, "", ("DATA_FILE_LIST",), "weight prefix corpus lines"),
+    Field("split", str, "990,10,0", ("SPLIT",), "train, valid, test parts"),
+    Field("seed", int, 1234, ("SEED",), "sample shuffles and random init"),
+    Field("data_cache_dir", str, "", doc='"" = <run_dir>/data_cache'),
+    # AuroraGPT's launcher always passes --shuffle-sample-in-corpus; --blend-sample-in-corpus
+    # only until 2025-09 (spec §1.4, §1.5).
+    Field("shuffle_sample_in_corpus", bool, True, doc="shuffle each corpus's samples once more"),
+    Field("blend_sample_in_corpus", bool, False, doc="blend a corpus's files by weight"),
+    Field("load", str, "", ("LOAD",), "the checkpoint to start from"),
+    Field("save", str, "", ("SAVE",), "the run directory"),
+    Field("run_dir", str, "", doc='"" = save'),
+    Field("load_optimizer_state", bool, True, doc="restore Adam moments and step from LOAD"),
+    Field("reset_iteration", bool, RECIPE, doc="Megatron's --finetune (every CPT recipe)"),
+    Field("universal_checkpoint", bool, False, doc="LOAD must be a universal checkpoint"),
+    Field("allow_cooled_down_source", bool, False,
+          doc="constant_cooldown: accept a source whose LR was decayed"),
+    Field("save_interval", int, SCALE, ("SAVE_INTERVAL",), "iterations between checkpoints"),
+    Field("keep_checkpoints", int, 3, doc="newest checkpoints kept"),
+    Field("train_tokens", int, SCALE, ("TRAIN_TOKENS",), "tokens of the run (0 = not set)"),
+    Field("train_iters", int, SCALE, ("TRAIN_ITERS", "TRAIN_ITER"),
+          "iterations (0 = from train_tokens)"),
+    Field("micro_batch", int, SCALE, ("MICRO_BATCH",), "sequences per rank per micro-step"),
+    Field("grad_acc_steps", int, SCALE, ("GRAD_ACC_STEPS",),
+          "micro-steps per update (0 = derived from global_batch)"),
+    Field("global_batch", int, 0, ("GLOBAL_BATCH",), "sequences per update (0 = derived)"),
+    Field("stop_at_iteration", int, 0, doc="save and stop after this iteration (0 = the end)"),
+    Field("lr", float, RECIPE, ("LR",), "the peak LR"),
+    Field("min_lr", float, RECIPE, ("MIN_LR",), "the LR at the end of the decay"),
+    Field("lr_decay_style", str, RECIPE, ("LR_DECAY_STYLE",), "agpt_jax.schedules.DECAY_STYLES"),
+    Field("lr_warmup_frac", float, RECIPE, ("LR_WARMUP_FRAC",),
+          "warmup fraction (LR_WARMUP_FRACTION is ignored, as Megatron's launcher ignores it)"),
+    Field("lr_warmup_frac_note", str, "", doc="which variable decided lr_warmup_frac (set here)"),
+    Field("lr_warmup_iters", int, 0, doc="warmup iterations (lr_warmup_frac wins when set)"),
+    Field("lr_decay_iters", int, 0, ("LR_DECAY_ITERS",), "0 = train_iters"),
+    Field("cooldown_frac", float, 0.0, doc="> 0: 1-sqrt cooldown over the last frac (constant)"),
+    Field("cooldown_tokens", int, 0, doc="cooldown recipe: tokens of the branch"),
+    Field("adam_beta1", float, 0.9, ("ADAM_BETA1",), "Adam beta1 (spec §1.2)"),
+    Field("adam_beta2", float, 0.95, ("ADAM_BETA2",), "Adam beta2"),
+    Field("adam_eps", float, 1e-5, ("ADAM_EPS",), "Adam eps"),
+    Field("weight_decay", float, 0.1, ("WEIGHT_DECAY",), "decoupled weight decay"),
+    Field("clip_grad", float, 1.0, ("CLIP_GRAD",), "global gradient-norm clip"),
+    Field("tp", int, 1, ("TP",), "tensor parallel size"),
+    Field("mesh", str, "", doc='"" = data=1, fsdp=all devices / tp, tensor=tp'),
+    Field("strategy", str, "fsdp", doc="fsdp | zero1"),
+    Field("platform", str, "auto", doc="auto | cpu | xpu"),
+    Field("eval_interval", int, SCALE, ("EVAL_INTERVAL",), "iterations between evaluations"),
+    Field("eval_iters", int, SCALE, ("EVAL_ITERS",), "validation batches per evaluation"),
+    Field("log_interval", int, 1, ("LOG_INTERVAL",), "iterations between log lines"),
+    Field("max_skipped_in_a_row", int, 5, doc="non-finite updates in a row before stopping"),
+    Field("peak_tflops_per_device", float, 0.0, doc="0 = the platform's (for MFU)"),
+    Field("progress_bar", bool, True, doc="a progress bar instead of log lines"),
+)
+FIELDS: dict[str, Field] = {f.key: f for f in SCHEMA}
+
+# Per-scale sizes. The 7B default is the CPT notes' 22e9 tokens (874 iterations at GBS 6144,
+# spec §1.3).
+SIZES = {
+    "agpt_7b": dict(micro_batch=1, grad_acc_steps=1, seq_length=4096, train_tokens=22_000_000_000,
+                    train_iters=0, save_interval=50, eval_interval=100, eval_iters=20),
+    "demo": dict(micro_batch=16, grad_acc_steps=1, seq_length=128, train_tokens=0,
+                 train_iters=120, save_interval=40, eval_interval=20, eval_iters=2),
+    "smoke": dict(micro_batch=1, grad_acc_steps=2, seq_length=32, train_tokens=0, train_iters=6,
+                  save_interval=4, eval_interval=3, eval_iters=1),
+}
+_READ = {int: env_int, float: env_float, str: env_str}
+
+
 def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_style: str,
                 lr_warmup_frac: float, environ: Mapping[str, str] = os.environ
                 ) -> ml_collections.ConfigDict:
-    """The full key set with launcher env defaults; the recipe files adjust their own keys.
+    """The full key set (SCHEMA) with launcher env defaults; the recipe files adjust their keys.
 
     Args:
         recipe: "legacy" | "constant_cooldown" | "cooldown" | "pretrain".
@@ -123,46 +225,18 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
     Returns:
         A ConfigDict; `agpt_jax.config.from_config` documents every key.
     """
-    sizes = {
-        # micro_batch, grad_acc, seq, train_tokens, save, eval interval, eval iters, log
-        # The 7B default is the CPT notes' 22e9 tokens (874 iterations at GBS 6144, spec §1.3).
-        "agpt_7b": dict(micro_batch=1, grad_acc_steps=1, seq=4096, train_tokens=22_000_000_000,
-                        train_iters=0, save_interval=50, eval_interval=100, eval_iters=20),
-        "demo": dict(micro_batch=16, grad_acc_steps=1, seq=128, train_tokens=0, train_iters=120,
-                     save_interval=40, eval_interval=20, eval_iters=2),
-        "smoke": dict(micro_batch=1, grad_acc_steps=2, seq=32, train_tokens=0, train_iters=6,
-                      save_interval=4, eval_interval=3, eval_iters=1),
-    }[scale]
     frac, frac_note = warmup_frac_from_env(lr_warmup_frac, environ)
+    given = {"recipe": recipe, "scale": scale, "lr": lr, "min_lr": min_lr,
+             "lr_decay_style": lr_decay_style, "reset_iteration": recipe != "pretrain"}
+    scale_values = {**SIZES[scale], "model": MODEL_OF_SCALE[scale]}
     c = ml_collections.ConfigDict()
-    c.recipe = recipe
-    c.scale = scale
-    # Model.
-    c.model = MODEL_OF_SCALE[scale]
-    c.seq_length = env_int("SEQ", sizes["seq"], environ)
-    c.compute_dtype = env_str("DTYPE_COMPUTE", "", environ)  # "" = the preset's
-    c.attention = ""  # "" = the runtime's default implementation
-    c.remat = ""  # "" = the preset's
-    # Data.
-    c.data_file_list = env_str("DATA_FILE_LIST", "", environ)
-    c.split = env_str("SPLIT", "990,10,0", environ)
-    c.seed = env_int("SEED", 1234, environ)
-    c.data_cache_dir = ""  # "" = <run_dir>/data_cache
-    # AuroraGPT's launcher always passes --shuffle-sample-in-corpus; --blend-sample-in-corpus only
-    # until 2025-09 (spec §1.4, §1.5).
-    c.shuffle_sample_in_corpus = True
-    c.blend_sample_in_corpus = False
-    # Checkpoints in and out.
-    c.load = env_str("LOAD", "", environ)
-    c.save = env_str("SAVE", "", environ)
-    c.run_dir = ""  # "" = save
-    c.load_optimizer_state = True
-    c.reset_iteration = recipe != "pretrain"
-    c.universal_checkpoint = False  # True: LOAD must be a universal checkpoint (--universal-checkpoint)
-    c.allow_cooled_down_source = False
-    c.save_interval = env_int("SAVE_INTERVAL", sizes["save_interval"], environ)
-    c.keep_checkpoints = 3
-    # Length and batch.
+    for f in SCHEMA:
+        default = (scale_values[f.key] if f.default == SCALE else
+                   given.get(f.key) if f.default == RECIPE else f.default)
+        if f.env and f.key not in _SPECIAL:
+            default = _READ[f.kind](f.env[0], default, environ)
+        c[f.key] = default
+    c.lr_warmup_frac, c.lr_warmup_frac_note = frac, frac_note
     # The launcher's precedence (spec §1.3): TRAIN_TOKENS, else TRAIN_ITERS / TRAIN_ITER.
     env_tokens = env_int("TRAIN_TOKENS", 0, environ)
     env_iters = env_int("TRAIN_ITERS", env_int("TRAIN_ITER", 0, environ), environ)
@@ -170,39 +244,8 @@ def base_config(recipe: str, scale: str, *, lr: float, min_lr: float, lr_decay_s
         c.train_tokens, c.train_iters = env_tokens, 0
     elif env_iters:
         c.train_tokens, c.train_iters = 0, env_iters
-    else:
-        c.train_tokens, c.train_iters = sizes["train_tokens"], sizes["train_iters"]
-    c.micro_batch = env_int("MICRO_BATCH", sizes["micro_batch"], environ)
-    # 0 = derived from global_batch, as Megatron derives it from --global-batch-size.
-    c.grad_acc_steps = env_int("GRAD_ACC_STEPS", sizes["grad_acc_steps"], environ)
-    c.global_batch = env_int("GLOBAL_BATCH", 0, environ)
-    c.stop_at_iteration = 0  # 0 = run to train_iters; otherwise save and stop after it
-    # Schedule.
-    c.lr = env_float("LR", lr, environ)
-    c.min_lr = env_float("MIN_LR", min_lr, environ)
-    c.lr_decay_style = env_str("LR_DECAY_STYLE", lr_decay_style, environ)
-    c.lr_warmup_frac = frac
-    c.lr_warmup_frac_note = frac_note
-    c.lr_warmup_iters = 0
-    c.lr_decay_iters = env_int("LR_DECAY_ITERS", 0, environ)
-    c.cooldown_frac = 0.0  # > 0: 1-sqrt cooldown over the last frac of the run (constant style)
-    c.cooldown_tokens = 0  # cooldown recipe: tokens of the branch
-    # Optimizer (spec §1.2 defaults).
-    c.adam_beta1 = env_float("ADAM_BETA1", 0.9, environ)
-    c.adam_beta2 = env_float("ADAM_BETA2", 0.95, environ)
-    c.adam_eps = env_float("ADAM_EPS", 1e-5, environ)
-    c.weight_decay = env_float("WEIGHT_DECAY", 0.1, environ)
-    c.clip_grad = env_float("CLIP_GRAD", 1.0, environ)
-    # Parallelism.
-    c.tp = env_int("TP", 1, environ)
-    c.mesh = ""  # "" = data=1, fsdp=all devices / tp, tensor=tp
-    c.strategy = "fsdp"
-    c.platform = "auto"
-    # Evaluation, logging, failure handling.
-    c.eval_interval = env_int("EVAL_INTERVAL", sizes["eval_interval"], environ)
-    c.eval_iters = env_int("EVAL_ITERS", sizes["eval_iters"], environ)
-    c.log_interval = env_int("LOG_INTERVAL", 1, environ)
-    c.max_skipped_in_a_row = 5
-    c.peak_tflops_per_device = 0.0  # 0 = the table in agpt_jax/metrics.py
-    c.progress_bar = True
     return c
+
+
+# Keys whose variables are read above by their own rule, not by the table's first variable.
+_SPECIAL = ("lr_warmup_frac", "train_tokens", "train_iters")

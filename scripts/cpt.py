@@ -284,5 +284,5 @@ if __name__ == "__main__":
         if flag is None or "--debug" in sys.argv:
             raise
         print(f"cpt.py: config error: unknown config key in {flag.split('=', 1)[0]} ({err}); "
-              "the keys are those of configs/common.py", file=sys.stderr)
+              "the keys are those of agpt_jax/recipes.py", file=sys.stderr)
         sys.exit(EXIT_USAGE)

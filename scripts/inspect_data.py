@@ -33,13 +33,16 @@ import numpy as np
 from agpt_jax.data.blend import BlendConfig, build_blended_splits, split_num_samples
 from agpt_jax.data.file_list import read_file_list
 from agpt_jax.data.indexed import DataError
+from agpt_jax import recipes
 from agpt_jax.data.pipeline import read_global_batch
 
 
 # The blend settings of the training recipes (agpt_jax/recipes.py base_config at the 7B scale, the
 # keys agpt_jax/loop.py builds the blend from); tests/data/test_scripts.py checks them against both.
-RECIPE_DEFAULTS = {"split": "990,10,0", "eval_interval": 100, "eval_iters": 20, "seed": 1234,
-                   "shuffle_sample_in_corpus": True, "blend_sample_in_corpus": False}
+RECIPE_DEFAULTS = {
+    **{k: recipes.FIELDS[k].default for k in ("split", "seed", "shuffle_sample_in_corpus",
+                                              "blend_sample_in_corpus")},
+    **{k: recipes.SIZES["agpt_7b"][k] for k in ("eval_interval", "eval_iters")}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

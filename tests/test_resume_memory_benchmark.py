@@ -32,7 +32,7 @@ def test_resume_memory_benchmark_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])  # the LAST line is the JSON object
     assert r["scale"] == "smoke" and r["devices"] == 1 and r["jax_version"] == jax.__version__
-    n = model_lib.get_preset("tiny").num_params()  # the smoke scale's model (configs/common.py)
+    n = model_lib.get_preset("tiny").num_params()  # the smoke scale's model (agpt_jax/recipes.py)
     assert r["num_params"] == n
     assert r["params_bytes"] == r["mu_bytes"] == r["nu_bytes"] == 4 * n
     # step, Adam count, LR count (int32) and the clip norm (fp32): 16 bytes.
