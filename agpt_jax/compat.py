@@ -69,7 +69,7 @@ def _version_tuple(distribution: str) -> tuple[int, ...]:
 
 
 #: Keys Orbax's PyTreeCheckpointHandler writes into an item's ``_METADATA`` beyond the tree
-#: (agpt_jax.init_checkpoint's streaming writer writes the same file): orbax-checkpoint 0.12
+#: (agpt_jax.checkpoint's streaming writer writes the same file): orbax-checkpoint 0.12
 #: records ``"use_ocdbt": true``, 0.11.23 does not.
 ORBAX_ITEM_METADATA_EXTRA: dict[str, Any] = (
     {"use_ocdbt": True} if _version_tuple("orbax-checkpoint") >= (0, 12) else {})

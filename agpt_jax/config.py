@@ -132,7 +132,7 @@ class RunConfig:
         eval_interval, eval_iters: evaluation every eval_interval iterations on eval_iters batches.
         log_interval: iterations between console log lines (metrics are written every iteration).
         max_skipped_in_a_row: stop after this many consecutive non-finite updates.
-        peak_tflops_per_device: MFU denominator; 0 = agpt_jax.metrics' table for the platform.
+        peak_tflops_per_device: MFU denominator; 0 = the platform's (Runtime.capabilities).
         strategy: fsdp | zero1 (agpt_jax.sharding).
         platform: auto | cpu | xpu (agpt_jax.runtime.initialize).
         progress_bar: tqdm bar with ETA on process 0.

@@ -193,13 +193,13 @@ class LoadedModel:
         Raises:
             EvaluateError: a missing or malformed checkpoint, a bad dtype or mesh.
         """
-        from agpt_jax import init_checkpoint as ic
+        from agpt_jax import checkpoint
         from agpt_jax import runtime
 
         try:
-            self.checkpoint = ic.resolve_checkpoint_dir(checkpoint)
-            config = ic.model_config(self.checkpoint)
-        except ic.CheckpointError as e:
+            self.checkpoint = checkpoint.resolve_checkpoint_dir(checkpoint)
+            config = checkpoint.model_config(self.checkpoint)
+        except checkpoint.CheckpointError as e:
             raise EvaluateError(f"--checkpoint: {e}") from None
         if dtype is not None:
             if dtype not in DTYPES:
@@ -213,7 +213,7 @@ class LoadedModel:
         self.data_parallel = int(mesh.shape["data"] * mesh.shape["fsdp"])
         self.step = build_eval_step(config, mesh)
         try:
-            self.params = ic.restore_params(self.checkpoint, self.step.abstract_params)
+            self.params = checkpoint.restore_params(self.checkpoint, self.step.abstract_params)
         except (ValueError, KeyError) as e:
             raise EvaluateError(f"--checkpoint {self.checkpoint}: its params do not match the "
                                 f"model in its metadata ({e})") from None

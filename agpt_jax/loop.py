@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from agpt_jax import checkpoint as ckpt_lib
+from agpt_jax import checkpoint
 from agpt_jax import metrics as metrics_lib
 from agpt_jax import optim, schedules
 from agpt_jax import start as start_lib
@@ -166,8 +166,8 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     prepare_run_dir(cfg, rt)
     corpora = sorted({e.corpus for e in entries})
     # On CPU Orbax's device-to-host "copy" is a view of the donated state (agpt_jax.checkpoint).
-    ckptr = ckpt_lib.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep,
-                                     copy_before_async_save=rt.platform == "cpu")
+    ckptr = checkpoint.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep,
+                                     copy_before_async_save=rt.capabilities.copy_before_async_save)
     try:
         if ckptr.latest_step() is None and cfg.checkpoint.load:
             start_lib.check_source(cfg, rt)  # fail on a wrong source before compiling anything
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
 
 
 def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
-           ckptr: ckpt_lib.RunCheckpointer, entries, corpora: list[str]) -> RunResult:
+           ckptr: checkpoint.RunCheckpointer, entries, corpora: list[str]) -> RunResult:
     start = start_lib.initial_state(cfg, rt, trainer, ckptr, corpora)
     state, p = start.state, start.progress
     gbs, seq = cfg.batch.global_batch_size, cfg.batch.seq_length
@@ -201,7 +201,7 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
         logging.warning("split %s has no validation part; no evaluation", cfg.data.split)
 
     writer = metrics_lib.MetricsWriter(cfg.run_dir, rt.is_main_process)
-    peak = metrics_lib.peak_tflops(rt.platform, cfg.peak_tflops_per_device)
+    peak = metrics_lib.peak_tflops(rt.capabilities, cfg.peak_tflops_per_device)
     flops_per_token = cfg.model.flops_per_token(seq)
     bar = metrics_lib.Progress(p.iteration, cfg.last_iteration,
                                rt.is_main_process and cfg.progress_bar)
@@ -222,7 +222,7 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
 
     def save(wait: bool) -> str:
         adam_count, mu, nu = optim.adam_state(state.opt_state)
-        progress = ckpt_lib.TrainProgress(
+        progress = checkpoint.TrainProgress(
             iteration=it, schedule_count=sched, rng=p.rng, consumed_samples=consumed,
             data_start_iteration=p.data_start_iteration,
             consumed_tokens_per_corpus=dict(tokens_per_corpus), skipped_in_a_row=in_a_row,

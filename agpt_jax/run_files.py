@@ -5,7 +5,7 @@ A run directory gets config.json (the resolved config) and the LR schedule of th
 these three files and returns a summary (agpt_jax.checkpoint documents the rest of the run
 directory).
 
-May import: config, data, schedules, init_checkpoint, runtime. Not loop, not
+May import: config, data, schedules, checkpoint, runtime. Not loop, not
 converters.
 """
 
@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import schedules
 from agpt_jax.config import RunConfig, describe, write_config_json
 from agpt_jax.data import read_file_list
@@ -78,10 +78,10 @@ def prepare_run_dir(cfg: RunConfig, rt: Runtime) -> None:
 
 
 def _describe_source(load: str) -> str:
-    directory = ic.resolve_checkpoint_dir(load)
-    ic.read_metadata(directory)
+    directory = checkpoint.resolve_checkpoint_dir(load)
+    checkpoint.read_metadata(directory)
     return f"{directory}: agpt-jax checkpoint" + (
-        " with Adam state" if ic.has_adam(directory) else " (params only)")
+        " with Adam state" if checkpoint.has_adam(directory) else " (params only)")
 
 
 def _data_summary(cfg: RunConfig, start_iteration: int = 0) -> list[str]:

@@ -11,7 +11,7 @@
 Restored arrays land in their sharded layout and are donated into the TrainState
 (train.CompiledTrainer.assemble): nothing is initialised only to be overwritten.
 
-May import: checkpoint, init_checkpoint, config, data, optim, train, runtime. Not loop, not
+May import: checkpoint, config, data, optim, train, runtime. Not loop, not
 converters.
 """
 
@@ -25,8 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from agpt_jax import checkpoint as ckpt_lib
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import train as train_lib
 from agpt_jax.config import ConfigError, RunConfig, check_model
 from agpt_jax.data import read_file_list
@@ -41,7 +40,7 @@ COOLED_DOWN_RATIO = 0.9
 
 def has_complete_step(run_dir: str) -> bool:
     """Whether run_dir/checkpoints holds a complete step (read without creating anything)."""
-    directory = os.path.join(run_dir, ic.CHECKPOINTS_SUBDIR)
+    directory = os.path.join(run_dir, checkpoint.CHECKPOINTS_SUBDIR)
     return os.path.isdir(directory) and any(
         n.isdigit() and os.path.isfile(os.path.join(directory, n, "_CHECKPOINT_METADATA"))
         for n in os.listdir(directory))
@@ -60,10 +59,10 @@ def check_inputs(cfg: RunConfig) -> list:
 
 
 def _check_source_model(cfg: RunConfig, directory: str) -> None:
-    check_model(cfg, ic.model_config(directory), directory)
+    check_model(cfg, checkpoint.model_config(directory), directory)
 
 
-def _source_lr(meta: dict[str, Any], progress: ckpt_lib.TrainProgress | None) -> float | None:
+def _source_lr(meta: dict[str, Any], progress: checkpoint.TrainProgress | None) -> float | None:
     if progress is not None:
         return progress.last_lr
     lr = meta.get("last_lr")  # a converted checkpoint: the LR its optimizer saved
@@ -71,7 +70,7 @@ def _source_lr(meta: dict[str, Any], progress: ckpt_lib.TrainProgress | None) ->
 
 
 def _check_not_cooled_down(cfg: RunConfig, directory: str, meta: dict[str, Any],
-                           progress: ckpt_lib.TrainProgress | None) -> None:
+                           progress: checkpoint.TrainProgress | None) -> None:
     if cfg.recipe != "constant_cooldown" or cfg.checkpoint.allow_cooled_down_source:
         return
     lr = _source_lr(meta, progress)
@@ -85,10 +84,10 @@ def _check_not_cooled_down(cfg: RunConfig, directory: str, meta: dict[str, Any],
 
 def check_source(cfg: RunConfig, rt: Runtime) -> str:
     """LOAD's checkpoint directory, after checking its model and (constant_cooldown) its LR."""
-    directory = ic.resolve_checkpoint_dir(cfg.checkpoint.load)
+    directory = checkpoint.resolve_checkpoint_dir(cfg.checkpoint.load)
     _check_source_model(cfg, directory)
-    _check_not_cooled_down(cfg, directory, ic.read_metadata(directory),
-                           ckpt_lib.read_progress(directory))
+    _check_not_cooled_down(cfg, directory, checkpoint.read_metadata(directory),
+                           checkpoint.read_progress(directory))
     return directory
 
 
@@ -97,7 +96,7 @@ def _adam_target(trainer: train_lib.CompiledTrainer) -> dict[str, PyTree]:
     return {"mu": adam.mu, "nu": adam.nu, "count": adam.count}
 
 
-# The fields a run's checkpoint metadata sets itself (agpt_jax.init_checkpoint's schema). Every
+# The fields a run's checkpoint metadata sets itself (agpt_jax.checkpoint's schema). Every
 # other field of the source's metadata (what a converter recorded of the checkpoint it came from)
 # is carried through unread, for the converters that write the run back out.
 _OWN_FIELDS = ("format", "format_version", "created_by", "source", "iteration", "adam_step",
@@ -107,10 +106,10 @@ _OWN_FIELDS = ("format", "format_version", "created_by", "source", "iteration", 
 
 def checkpoint_metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: int,
                         adam_step: int, lr: float) -> dict[str, Any]:
-    """The metadata item of a run's checkpoint: the schema of agpt_jax.init_checkpoint."""
+    """The metadata item of a run's checkpoint: the schema of agpt_jax.checkpoint."""
     meta = {k: v for k, v in source_meta.items() if k not in _OWN_FIELDS}
     meta.update({
-        "format": ic.FORMAT, "format_version": ic.FORMAT_VERSION, "created_by": "agpt_jax.loop",
+        "format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "created_by": "agpt_jax.loop",
         "source": cfg.checkpoint.origin or cfg.checkpoint.load or None,
         "iteration": iteration, "adam_step": adam_step,
         "has_optimizer_state": True, "model": dataclasses.asdict(cfg.model),
@@ -125,14 +124,14 @@ def checkpoint_metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: 
 @dataclasses.dataclass
 class Start:
     state: train_lib.TrainState
-    progress: ckpt_lib.TrainProgress
+    progress: checkpoint.TrainProgress
     data_state: dict[str, Any] | None
     source_meta: dict[str, Any]
     resumed: bool
 
 
 def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
-                   ckptr: ckpt_lib.RunCheckpointer, corpora: list[str]) -> Start:
+                   ckptr: checkpoint.RunCheckpointer, corpora: list[str]) -> Start:
     rng = jax.random.PRNGKey(cfg.data.seed)
     rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
     # Restored arrays land in their sharded layout (the abstract targets carry the shardings)
@@ -149,18 +148,18 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     zero_tokens = {c: 0 for c in corpora}
     if not cfg.checkpoint.load:
         logging.info("random init from seed %d", cfg.data.seed)
-        progress = ckpt_lib.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
+        progress = checkpoint.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
         return Start(trainer.init(rng), progress, None, {}, False)
 
     directory = check_source(cfg, rt)
-    meta = ic.read_metadata(directory)
-    src_progress = ckpt_lib.read_progress(directory)
+    meta = checkpoint.read_metadata(directory)
+    src_progress = checkpoint.read_progress(directory)
     logging.info("loading %s", directory)
-    params = ic.restore_params(directory, trainer.abstract_state.params)
+    params = checkpoint.restore_params(directory, trainer.abstract_state.params)
     adam = None  # fresh moments and step 0
     if cfg.checkpoint.load_optimizer_state:
-        if ic.has_adam(directory):
-            a = ic.restore_adam(directory, _adam_target(trainer))
+        if checkpoint.has_adam(directory):
+            a = checkpoint.restore_adam(directory, _adam_target(trainer))
             adam = (a["count"], a["mu"], a["nu"])
             count = a["count"]
             logging.info("loaded Adam moments and step %d (Megatron's universal load does, "
@@ -180,5 +179,5 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
         # The branch continues its source's data stream.
         data_start = src_progress.data_start_iteration + src_progress.iteration
     state = trainer.assemble(params, adam, start_iter, start_iter)
-    progress = ckpt_lib.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
+    progress = checkpoint.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
     return Start(state, progress, None, meta, False)

@@ -14,7 +14,7 @@ has changed since (re-converting silently would hide which weights the run start
 Names, sizes and times rather than a hash of the bytes: a 7B universal checkpoint is ~80 GB,
 and hashing it would cost minutes at every start.
 
-May import: agpt_jax (config, init_checkpoint, start's input checks) and converters.
+May import: agpt_jax (config, checkpoint, start's input checks) and converters.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 from absl import logging
 
 from agpt_jax import config as config_lib
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import start
 from agpt_jax.config import ConfigError, RunConfig
 from converters import universal as uv
@@ -82,7 +82,7 @@ def _reusable(dst: str, want: dict) -> bool:
     if not os.path.exists(dst):
         return False
     if not os.path.isfile(os.path.join(dst, "_CHECKPOINT_METADATA")):
-        raise ic.CheckpointError(f"{dst}: an unfinished conversion is in the way; delete it "
+        raise checkpoint.CheckpointError(f"{dst}: an unfinished conversion is in the way; delete it "
                                  "and start again")
     record = os.path.join(dst, SOURCE_RECORD)
     if not os.path.isfile(record):
@@ -92,7 +92,7 @@ def _reusable(dst: str, want: dict) -> bool:
     with open(record) as f:
         have = json.load(f)
     if have != want:
-        raise ic.CheckpointError(
+        raise checkpoint.CheckpointError(
             f"{dst} was converted from {have.get('universal_folder')} "
             f"({have.get('files')} files, optimizer_state={have.get('optimizer_state')}), but "
             f"LOAD is now {want['universal_folder']} ({want['files']} files, "
@@ -123,10 +123,10 @@ def describe(load: str) -> str:
     """One line on what LOAD is, for the dry run (converts nothing)."""
     if is_universal(load):
         return f"{load}: DeepSpeed universal checkpoint (converted once into SAVE/{CONVERTED_INIT})"
-    directory = ic.resolve_checkpoint_dir(load)
-    ic.read_metadata(directory)
+    directory = checkpoint.resolve_checkpoint_dir(load)
+    checkpoint.read_metadata(directory)
     return f"{directory}: agpt-jax checkpoint" + (
-        " with Adam state" if ic.has_adam(directory) else " (params only)")
+        " with Adam state" if checkpoint.has_adam(directory) else " (params only)")
 
 
 def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
@@ -169,5 +169,5 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
         return dataclasses.replace(cfg, checkpoint=dataclasses.replace(
             cfg.checkpoint, origin=load))
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-        cfg.checkpoint, load=ic.resolve_checkpoint_dir(dst), origin=load,
+        cfg.checkpoint, load=checkpoint.resolve_checkpoint_dir(dst), origin=load,
         universal_checkpoint=False))

@@ -256,6 +256,7 @@ def split_qkv(w: np.ndarray, config: GPTConfig) -> tuple[np.ndarray, np.ndarray,
         q [H, nq, D], k [H, nkv, D], v [H, nkv, D].
     """
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    g = nq // nkv
     grouped = w.reshape(nkv, g + 2, d, h)
     q = grouped[:, :g].reshape(nq, d, h)
     k = grouped[:, g]

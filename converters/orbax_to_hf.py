@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import ConversionError, run_cli, write_atomically
@@ -60,7 +60,7 @@ def hf_config(config: GPTConfig, dtype: str) -> dict[str, Any]:
     return out
 
 
-def hf_tensors(reader: ic.PyTreeItemReader,
+def hf_tensors(reader: checkpoint.PyTreeItemReader,
                config: GPTConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, [out, in] weight) pairs, one layer at a time (HF Linear layout is Megatron's)."""
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
@@ -108,12 +108,12 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
-    directory = ic.resolve_checkpoint_dir(src)
-    config = ic.model_config(directory)
-    reader = ic.PyTreeItemReader(os.path.join(directory, ic.ITEM_PARAMS))
+    directory = checkpoint.resolve_checkpoint_dir(src)
+    config = checkpoint.model_config(directory)
+    reader = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_PARAMS))
     for path, shape in ml.flax_shapes(config).items():
         if path not in reader.paths or reader.shape(path) != shape:
-            raise ic.CheckpointError(f"{reader.item_dir}: leaf {ic.leaf_key(path)!r} missing or "
+            raise checkpoint.CheckpointError(f"{reader.item_dir}: leaf {checkpoint.leaf_key(path)!r} missing or "
                                      f"not of shape {shape}")
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 

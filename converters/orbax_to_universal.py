@@ -3,7 +3,7 @@
     python -m converters.orbax_to_universal --load SRC --save DST
 
 SRC is a converted checkpoint or a training run (newest finalized step, see
-`agpt_jax.init_checkpoint.resolve_checkpoint_dir`). DST becomes a Megatron `--load` root:
+`agpt_jax.checkpoint.resolve_checkpoint_dir`). DST becomes a Megatron `--load` root:
 
     DST/latest_universal                                   "global_stepN_universal"
     DST/global_stepN_universal/mp_rank_00_model_states.pt  args (Namespace), iteration,
@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import pt_archive
@@ -312,18 +312,18 @@ def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
 
 def convert(src: str, dst: str, progress: bool = True) -> str:
     """Convert an agpt-jax checkpoint (or a run's newest step) to a universal --load root."""
-    directory = ic.resolve_checkpoint_dir(src)
-    meta = ic.read_metadata(directory)
-    config = ic.model_config(directory)
-    params = ic.PyTreeItemReader(os.path.join(directory, ic.ITEM_PARAMS))
-    adam = ic.PyTreeItemReader(os.path.join(directory, ic.ITEM_ADAM)) if ic.has_adam(
+    directory = checkpoint.resolve_checkpoint_dir(src)
+    meta = checkpoint.read_metadata(directory)
+    config = checkpoint.model_config(directory)
+    params = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_PARAMS))
+    adam = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_ADAM)) if checkpoint.has_adam(
         directory) else None
     shapes = ml.flax_shapes(config)
     for path, shape in shapes.items():
         if path not in params.paths:
-            raise ic.CheckpointError(f"{params.item_dir}: no leaf {ic.leaf_key(path)!r}")
+            raise checkpoint.CheckpointError(f"{params.item_dir}: no leaf {checkpoint.leaf_key(path)!r}")
         if params.shape(path) != shape:
-            raise ic.CheckpointError(f"{params.item_dir}: leaf {ic.leaf_key(path)!r} has shape "
+            raise checkpoint.CheckpointError(f"{params.item_dir}: leaf {checkpoint.leaf_key(path)!r} has shape "
                                      f"{params.shape(path)}, the metadata's model needs {shape}")
     if adam is None:
         # A fresh torch Adam: zero moments and step 0 give the same first update.

@@ -4,7 +4,7 @@
         [--model-config PRESET_OR_JSON]
 
 SRC is Megatron's `--load` root (the `latest_universal` tag is followed) or a
-`global_stepN_universal` folder. DST gets the layout of `agpt_jax.init_checkpoint`: fp32 params,
+`global_stepN_universal` folder. DST gets the layout of `agpt_jax.checkpoint`: fp32 params,
 Adam's raw first and second moments (torch exp_avg, exp_avg_sq) with the checkpoint's step, and
 metadata (source, iteration, model config, vocab sizes, param groups, Megatron args).
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.model import GPTConfig, get_preset
 from converters import megatron_layout as ml
 from converters import universal as uv
@@ -68,9 +68,9 @@ def parse_model_config(value: str) -> GPTConfig:
 
 def _state_plan(optimizer_state: bool) -> list[tuple[str, tuple[str, ...], str]]:
     """(universal file, leaf prefix, item) for each state converted."""
-    plan = [("fp32", (), ic.ITEM_PARAMS)]
+    plan = [("fp32", (), checkpoint.ITEM_PARAMS)]
     if optimizer_state:
-        plan += [("exp_avg", ("mu",), ic.ITEM_ADAM), ("exp_avg_sq", ("nu",), ic.ITEM_ADAM)]
+        plan += [("exp_avg", ("mu",), checkpoint.ITEM_ADAM), ("exp_avg_sq", ("nu",), checkpoint.ITEM_ADAM)]
     return plan
 
 
@@ -84,8 +84,8 @@ def build_metadata(ckpt: uv.UniversalCheckpoint, step: float | None) -> dict:
     """The agpt-jax metadata of a converted checkpoint (all JSON-safe)."""
     cfg = ckpt.config
     return {
-        "format": ic.FORMAT,
-        "format_version": ic.FORMAT_VERSION,
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
         "created_by": "converters.universal_to_orbax",
         "source": ckpt.folder,
         "iteration": ckpt.iteration,
@@ -143,24 +143,24 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
                  total / 1e9, dst)
 
     def write(tmp: str) -> None:
-        writers = {item: ic.PyTreeItemWriter(os.path.join(tmp, item), inflight)
+        writers = {item: checkpoint.PyTreeItemWriter(os.path.join(tmp, item), inflight)
                    for item in {p[2] for p in plan}}
         for _, prefix, item in plan:
             for path, shape in shapes.items():
                 writers[item].create(prefix + path, shape, np.float32, stacked=ml.is_stacked(path))
         if options.optimizer_state:
-            writers[ic.ITEM_ADAM].create(("count",), (), np.int32)
-            writers[ic.ITEM_ADAM].write(("count",), np.int32(step))
+            writers[checkpoint.ITEM_ADAM].create(("count",), (), np.int32)
+            writers[checkpoint.ITEM_ADAM].write(("count",), np.int32(step))
         try:
             _copy_tensors(writers)
         except BaseException:
             for writer in writers.values():
                 writer.abort()
             raise
-        ic.write_metadata_item(tmp, build_metadata(ckpt, step))
-        ic.write_step_metadata(tmp, list(writers) + [ic.ITEM_METADATA], init_ns)
+        checkpoint.write_metadata_item(tmp, build_metadata(ckpt, step))
+        checkpoint.write_step_metadata(tmp, list(writers) + [checkpoint.ITEM_METADATA], init_ns)
 
-    def _copy_tensors(writers: dict[str, ic.PyTreeItemWriter]) -> None:
+    def _copy_tensors(writers: dict[str, checkpoint.PyTreeItemWriter]) -> None:
         # disable=None: a bar on a terminal only, so logs and captured stderr stay clean.
         with tqdm(total=total, unit="B", unit_scale=True, desc="universal->orbax",
                   disable=None if options.progress else True) as bar:

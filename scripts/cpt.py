@@ -116,7 +116,7 @@ def _main() -> int:
     from agpt_jax import loop, run_files, runtime
     from agpt_jax.data import DataError
     from agpt_jax.checkpoint import CheckpointWriteError
-    from agpt_jax.init_checkpoint import CheckpointError
+    from agpt_jax.checkpoint import CheckpointError
     from converters import load
 
     if _CONFIG.value is None:

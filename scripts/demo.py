@@ -289,12 +289,12 @@ class EntryPoints:
         mix_datasets = load_script("mix_datasets")
         plot_runs = load_script("plot_runs")
         preprocess_data = load_script("preprocess_data")
-        from agpt_jax import init_checkpoint as ic
+        from agpt_jax import checkpoint
 
         return cls(preprocess_data=preprocess_data.main, mix_datasets=mix_datasets.main,
                    evaluate=evaluate.main, plot_runs=plot_runs.main,
                    orbax_to_universal=orbax_to_universal.main, orbax_to_hf=orbax_to_hf.main,
-                   resolve_checkpoint_dir=ic.resolve_checkpoint_dir)
+                   resolve_checkpoint_dir=checkpoint.resolve_checkpoint_dir)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The model and its attention kernels.
     ("agpt_jax.attention", "agpt_jax.model"),
     # The config, the step, the agpt-jax checkpoint format.
-    ("agpt_jax.config", "agpt_jax.train", "agpt_jax.init_checkpoint", "agpt_jax.checkpoint",
+    ("agpt_jax.config", "agpt_jax.train", "agpt_jax.checkpoint",
      "agpt_jax.evaluate"),
     # What runs: the training loop and the 7B planner.
     ("agpt_jax.start", "agpt_jax.run_files", "agpt_jax.loop", "agpt_jax.plan"),
@@ -94,7 +94,11 @@ def _graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         targets = {_resolve(d, modules) for d in _imported(name, path)}
-        graph[name] = {t for t in targets if t is not None and t != name}
+        # A module importing from its own package (`from agpt_jax.checkpoint import layout`
+        # inside agpt_jax/checkpoint/) runs while that package's __init__ is already loading:
+        # an edge to the sibling, not to the package.
+        graph[name] = {t for t in targets
+                       if t is not None and t != name and not name.startswith(t + ".")}
     return graph
 
 

@@ -26,8 +26,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from agpt_jax import checkpoint as ckpt_lib
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import model as model_lib
 from converters import orbax_to_hf, orbax_to_universal, universal_to_orbax
 from converters import universal as uv
@@ -281,13 +280,13 @@ def _save_run(run: str, params: dict, cfg: model_lib.GPTConfig) -> dict:
     adam = {"mu": mu, "nu": nu, "count": np.int32(7)}
     groups = [{"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": wd,
                "wd_mult": 1.0 if wd else 0.0, "lr_mult": 1.0} for wd in (0.1, 0.0)]
-    meta = {"format": ic.FORMAT, "format_version": ic.FORMAT_VERSION, "iteration": 7,
+    meta = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "iteration": 7,
             "adam_step": 7, "has_optimizer_state": True, "model": dataclasses.asdict(cfg),
             "original_vocab_size": V, "padded_vocab_size": VPAD, "param_groups": groups}
-    progress = ckpt_lib.TrainProgress(iteration=7, schedule_count=7, rng=[0, 1],
+    progress = checkpoint.TrainProgress(iteration=7, schedule_count=7, rng=[0, 1],
                                       consumed_samples=0, data_start_iteration=0,
                                       consumed_tokens_per_corpus={})
-    ckpt = ckpt_lib.RunCheckpointer(run, keep=1, async_save=False)
+    ckpt = checkpoint.RunCheckpointer(run, keep=1, async_save=False)
     ckpt.save(7, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, adam), progress,
               {}, meta, wait=True)
     return adam
@@ -384,7 +383,7 @@ def test_bf16_exports_round_trip(param_dtype, bf16_hf_weights, tokens, torch_log
     # universal -> Orbax: the original params and moments, bit for bit (fp32 where stored).
     back = str(tmp_path / "back")
     assert universal_to_orbax.main(["--load", uni, "--save", back]) == 0
-    back_params, back_adam = _leaves(ic.restore_params(back)), ic.restore_adam(back)
+    back_params, back_adam = _leaves(checkpoint.restore_params(back)), checkpoint.restore_adam(back)
     assert back_params.keys() == source.keys()
     for path, w in source.items():
         got = back_params[path]

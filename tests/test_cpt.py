@@ -22,9 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import checkpoint as ckpt_lib
 from agpt_jax import config as config_lib
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import loop, run_files, runtime
 from agpt_jax.data import DataError, write_indexed_dataset
 from agpt_jax.metrics import read_metrics
@@ -94,18 +93,18 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
     for name in ("config.json", "metrics.jsonl", "lr_schedule.csv", "lr_schedule.png"):
         assert os.path.isfile(os.path.join(save, name)), name
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(save))
-    step = ic.resolve_checkpoint_dir(save)
+    step = checkpoint.resolve_checkpoint_dir(save)
     assert step.endswith(os.path.join("checkpoints", "6"))
     # Orbax 0.12 also leaves its own commit marker, commit_success.txt, in every step.
     assert sorted(set(os.listdir(step)) - {"commit_success.txt"}) == sorted(
         ["_CHECKPOINT_METADATA", "adam", "data", "metadata", "params", "train"])
-    meta = ic.read_metadata(save)  # the converters' reader accepts a run's step
+    meta = checkpoint.read_metadata(save)  # the converters' reader accepts a run's step
     assert meta["iteration"] == 6 and meta["adam_step"] == 6
-    assert ic.model_config(save) == make_cfg("pretrain", data_file_list="x", save=save).model
+    assert checkpoint.model_config(save) == make_cfg("pretrain", data_file_list="x", save=save).model
     # The export to Megatron builds the run's param groups (decayed, then not) at its last LR.
     from converters import orbax_to_universal
 
-    groups = orbax_to_universal.contents_from_metadata(meta, ic.model_config(save), 6).param_groups
+    groups = orbax_to_universal.contents_from_metadata(meta, checkpoint.model_config(save), 6).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     last_lr = [r["lr"] for r in read_metrics(os.path.join(save, "metrics.jsonl")) if "lr" in r][-1]
     assert meta["last_lr"] == last_lr and all(g["lr"] == last_lr for g in groups)
@@ -142,7 +141,7 @@ def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path)
         [r["loss/papers"] for r in train[:3]])
     assert train[-1]["tokens/papers"] > 5 * train[-1]["tokens/web"]  # the 0.9 / 0.1 blend
     # Adam step continued from the source (spec §2.6): 6 pretraining + 12 CPT updates.
-    assert ic.read_metadata(whole)["adam_step"] == 18
+    assert checkpoint.read_metadata(whole)["adam_step"] == 18
 
     # Interrupted after 5 iterations, then started again with the same SAVE.
     parts = str(tmp_path / "parts")
@@ -156,11 +155,11 @@ def test_legacy_cpt_learns_and_resumes_bit_exact(rt, data, pretrained, tmp_path)
                 for r in read_metrics(os.path.join(d, "metrics.jsonl"))]
 
     assert losses(parts) == losses(whole)  # exactly equal floats, eval lines included
-    for x, y in zip(jax.tree.leaves(ic.restore_params(whole)),
-                    jax.tree.leaves(ic.restore_params(parts))):
+    for x, y in zip(jax.tree.leaves(checkpoint.restore_params(whole)),
+                    jax.tree.leaves(checkpoint.restore_params(parts))):
         np.testing.assert_array_equal(x, y)
-    for x, y in zip(jax.tree.leaves(ic.restore_adam(whole)),
-                    jax.tree.leaves(ic.restore_adam(parts))):
+    for x, y in zip(jax.tree.leaves(checkpoint.restore_adam(whole)),
+                    jax.tree.leaves(checkpoint.restore_adam(parts))):
         np.testing.assert_array_equal(x, y)
 
 
@@ -180,11 +179,11 @@ def test_universal_load_is_converted_once_and_continues_identically(rt, data, pr
     assert os.path.isfile(os.path.join(runs["universal"], load.CONVERTED_INIT,
                                        "_CHECKPOINT_METADATA")), universal
     assert not os.path.exists(os.path.join(runs["orbax"], load.CONVERTED_INIT))
-    assert ic.read_metadata(runs["universal"])["source"] == str(tmp_path / "megatron")
+    assert checkpoint.read_metadata(runs["universal"])["source"] == str(tmp_path / "megatron")
     # The converted start equals the source on the real vocabulary; the padding rows come back
     # as zeros, as DeepSpeed pads vocabulary tensors on a universal load (spec §3.6).
-    src = ic.restore_params(pretrained[0])
-    got = ic.restore_params(os.path.join(runs["universal"], load.CONVERTED_INIT))
+    src = checkpoint.restore_params(pretrained[0])
+    got = checkpoint.restore_params(os.path.join(runs["universal"], load.CONVERTED_INIT))
     v = make_cfg("pretrain", data_file_list="x", save="x").model.vocab_size
     np.testing.assert_array_equal(got["embed"]["embedding"][:v], src["embed"]["embedding"][:v])
     np.testing.assert_array_equal(got["lm_head"]["kernel"][:, :v], src["lm_head"]["kernel"][:, :v])
@@ -203,7 +202,7 @@ def test_universal_load_is_converted_once_and_continues_identically(rt, data, pr
         tree["embed"]["embedding"][v:] = 0
         return tree
 
-    adam = jax.tree.map(np.array, ic.restore_adam(pretrained[0]))
+    adam = jax.tree.map(np.array, checkpoint.restore_adam(pretrained[0]))
     adam["mu"], adam["nu"] = zero_padding(adam["mu"]), zero_padding(adam["nu"])
     zeroed = str(tmp_path / "zero_padded")
     with ocp.CheckpointManager(os.path.join(zeroed, "checkpoints"),
@@ -211,7 +210,7 @@ def test_universal_load_is_converted_once_and_continues_identically(rt, data, pr
         mgr.save(6, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(zero_padding(jax.tree.map(np.array, src))),
             adam=ocp.args.PyTreeSave(adam),
-            metadata=ocp.args.JsonSave(ic.read_metadata(pretrained[0]))))
+            metadata=ocp.args.JsonSave(checkpoint.read_metadata(pretrained[0]))))
         mgr.wait_until_finished()
     runs["zero_padded"] = str(tmp_path / "zero_padded_run")
     loop.run(make_cfg("legacy", data_file_list=data["mix"], load=zeroed,
@@ -219,7 +218,7 @@ def test_universal_load_is_converted_once_and_continues_identically(rt, data, pr
     uni, ref = ([r["loss"] for r in read_metrics(os.path.join(runs[n], "metrics.jsonl"))
                  if "loss" in r] for n in ("universal", "zero_padded"))
     assert len(uni) == 2 and uni == ref
-    assert ic.read_metadata(runs["universal"])["adam_step"] == 6 + 2
+    assert checkpoint.read_metadata(runs["universal"])["adam_step"] == 6 + 2
 
 
 @pytest.mark.slow
@@ -238,8 +237,8 @@ def test_cooldown_branch_continues_the_constant_run(rt, data, pretrained, tmp_pa
     lrs = [r["lr"] for r in read_metrics(os.path.join(branch, "metrics.jsonl")) if "loss" in r]
     assert lrs[0] == pytest.approx(1e-4) and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert lrs[-1] == pytest.approx(1e-5 + 9e-5 * (1 - np.sqrt(3 / 4)), rel=1e-5)  # 1-sqrt
-    step = ic.resolve_checkpoint_dir(branch)
-    progress = ckpt_lib.read_progress(step)
+    step = checkpoint.resolve_checkpoint_dir(branch)
+    progress = checkpoint.read_progress(step)
     assert progress.data_start_iteration == 6 and progress.iteration == 4
     with open(os.path.join(step, "data", "metadata")) as f:
         assert json.load(f)["next_iteration"] == 10  # the source's stream, continued
@@ -269,7 +268,7 @@ def test_non_finite_updates_stop_the_run(rt, data, pretrained, tmp_path):
 def test_dry_run_writes_the_schedule_and_names_a_missing_file(rt, data, tmp_path):
     cfg = make_cfg("constant_cooldown", data_file_list=data["mix"], load=str(tmp_path),
                    save=str(tmp_path / "dry"), train_iters=50)
-    with pytest.raises(ic.CheckpointError):  # LOAD is an empty folder, not a checkpoint
+    with pytest.raises(checkpoint.CheckpointError):  # LOAD is an empty folder, not a checkpoint
         run_files.dry_run(cfg, rt)
     cfg = make_cfg("pretrain", data_file_list=data["mix"], save=str(tmp_path / "dry"),
                    train_iters=50)
@@ -336,10 +335,10 @@ def test_sigterm_saves_and_exits_zero(data, pretrained, tmp_path):
     assert "stopped by signal" in out
     last = read_metrics(metrics)[-1]["iteration"]
     assert 3 <= last < 400
-    step = ic.resolve_checkpoint_dir(save)
+    step = checkpoint.resolve_checkpoint_dir(save)
     assert os.path.basename(step) == str(last)
-    assert ic.read_metadata(step)["iteration"] == last
-    leaves = jax.tree.leaves(ic.restore_params(step))
+    assert checkpoint.read_metadata(step)["iteration"] == last
+    leaves = jax.tree.leaves(checkpoint.restore_params(step))
     assert all(np.all(np.isfinite(x)) for x in leaves)
 
 
@@ -396,6 +395,6 @@ def test_two_processes_match_one(data, pretrained, tmp_path):
         for key in ("loss", "eval/loss", "loss/web", "eval/loss/web", "lr", "grad_norm"):
             if key in a:
                 np.testing.assert_allclose(b[key], a[key], rtol=2e-6, err_msg=key)
-    for x, y in zip(jax.tree.leaves(ic.restore_params(single)),
-                    jax.tree.leaves(ic.restore_params(double))):
+    for x, y in zip(jax.tree.leaves(checkpoint.restore_params(single)),
+                    jax.tree.leaves(checkpoint.restore_params(double))):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)

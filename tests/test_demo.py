@@ -152,13 +152,13 @@ def test_universal_round_trips_and_exports(demo_run):
     """Each CPT run, loading a universal checkpoint, starts from exactly the params of the model
     that was exported (its SAVE/converted_init); the CPT results exist as Megatron universal
     checkpoints and HF folders with the tokenizer."""
-    from agpt_jax import init_checkpoint as ic
+    from agpt_jax import checkpoint
 
     out, _, summary = demo_run
     for source, run in ((_run(out, "pretrain_cosine"), "legacy"),
                         (summary["phase1_checkpoint"]["dir"], "constant_cooldown")):
-        a = dict(_flatten(ic.restore_params(source)))
-        b = dict(_flatten(ic.restore_params(os.path.join(_run(out, run), "converted_init"))))
+        a = dict(_flatten(checkpoint.restore_params(source)))
+        b = dict(_flatten(checkpoint.restore_params(os.path.join(_run(out, run), "converted_init"))))
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{run}: {k}")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import model as model_lib
 from converters import megatron_layout as ml
 from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
@@ -149,7 +149,7 @@ def test_orbax_qkv_are_numpy_slices_of_the_fused_matrix(g4_universal):
     then k_j (hd rows), then v_j (hd rows)"; kernels are the [out, in] rows transposed (§4.1).
     """
     wr, fx, orbax, _ = g4_universal
-    params = ic.PyTreeItemReader(os.path.join(orbax, ic.ITEM_PARAMS))
+    params = checkpoint.PyTreeItemReader(os.path.join(orbax, checkpoint.ITEM_PARAMS))
     h = NQ * D
     for i in range(2):
         fused = fx["megatron"][f"language_model.encoder.layers.{i}.self_attention."
@@ -193,9 +193,9 @@ def test_converted_g4_model_matches_hf_on_the_writers_weights(g4_universal):
     relative, as in tests/converters/test_universal_converters.py for the same writer.
     """
     wr, fx, orbax, _ = g4_universal
-    cfg = ic.model_config(orbax).replace(compute_dtype="float32", remat="none")
+    cfg = checkpoint.model_config(orbax).replace(compute_dtype="float32", remat="none")
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (NQ, NKV, D)
-    params = ic.restore_params(orbax)
+    params = checkpoint.restore_params(orbax)
     tokens = np.random.default_rng(4).integers(0, wr.V, (2, wr.SEQ)).astype(np.int32)
     ours = np.asarray(model_lib.GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
     ref = wr.hf_reference_logits(fx["hf"], tokens)

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import orbax_to_universal, pt_archive, universal_to_orbax
@@ -245,11 +245,11 @@ def test_wide_universal_round_trip_is_bit_exact(tmp_path):
     # A 1-byte in-flight cap waits for every write before the next tensor is read.
     universal_to_orbax.convert(src, orbax, universal_to_orbax.ConvertOptions(
         max_inflight_bytes=1, progress=False))
-    cfg = ic.model_config(orbax)
+    cfg = checkpoint.model_config(orbax)
     assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.padded_vocab_size) == (HIDDEN, FFN, 816)
 
-    params = ic.PyTreeItemReader(os.path.join(orbax, ic.ITEM_PARAMS))
-    adam = ic.PyTreeItemReader(os.path.join(orbax, ic.ITEM_ADAM))
+    params = checkpoint.PyTreeItemReader(os.path.join(orbax, checkpoint.ITEM_PARAMS))
+    adam = checkpoint.PyTreeItemReader(os.path.join(orbax, checkpoint.ITEM_ADAM))
     pre = "language_model.encoder.layers.0."
     np.testing.assert_array_equal(params.read(ml.MLP_DOWN, 0),
                                   np.transpose(meg[pre + "mlp.dense_4h_to_h.weight"]))

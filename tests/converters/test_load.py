@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from converters import load
 from converters import universal_to_orbax
 
@@ -51,7 +51,7 @@ def test_a_conversion_is_reused_while_load_is_unchanged(universal, tmp_path):
     os.makedirs(os.path.dirname(dst))
     want = _converted(universal, dst)
     assert load._reusable(dst, want)
-    assert ic.resolve_checkpoint_dir(dst) == os.path.abspath(dst)
+    assert checkpoint.resolve_checkpoint_dir(dst) == os.path.abspath(dst)
 
 
 def test_a_changed_load_is_refused_with_both_named(universal, tmp_path):
@@ -60,7 +60,7 @@ def test_a_changed_load_is_refused_with_both_named(universal, tmp_path):
     _converted(universal, dst)
     other = str(tmp_path / "other")
     shutil.copytree(universal, other)
-    with pytest.raises(ic.CheckpointError) as e:
+    with pytest.raises(checkpoint.CheckpointError) as e:
         load._reusable(dst, load.fingerprint(other, optimizer_state=True))
     message = str(e.value)
     assert dst in message and other in message and "delete" in message
@@ -69,5 +69,5 @@ def test_a_changed_load_is_refused_with_both_named(universal, tmp_path):
 def test_an_unfinished_conversion_is_refused(tmp_path):
     dst = tmp_path / load.CONVERTED_INIT
     dst.mkdir()
-    with pytest.raises(ic.CheckpointError, match="unfinished conversion"):
+    with pytest.raises(checkpoint.CheckpointError, match="unfinished conversion"):
         load._reusable(str(dst), {})

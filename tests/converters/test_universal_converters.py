@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
 from converters import universal as uv
 from torch_reference import torch
@@ -158,14 +158,14 @@ def _agpt_logits(params, tokens: np.ndarray, directory: str) -> np.ndarray:
 
     from agpt_jax.model import GPT
 
-    cfg = ic.model_config(directory).replace(compute_dtype="float32", remat="none")
+    cfg = checkpoint.model_config(directory).replace(compute_dtype="float32", remat="none")
     return np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
 
 
 def test_converted_logits_match_hf(converted, reference):
     """Against the logits HF computed when the fixture was written (torch not needed here)."""
     tokens = reference["tokens"]
-    ours = _agpt_logits(ic.restore_params(converted), tokens, converted)
+    ours = _agpt_logits(checkpoint.restore_params(converted), tokens, converted)
     np.testing.assert_allclose(ours, reference["hf_logits"], atol=2e-4, rtol=1e-4)
     assert np.all(ours[..., V:] == 0)  # padded rows are zero after a universal load (spec §7)
 
@@ -173,7 +173,7 @@ def test_converted_logits_match_hf(converted, reference):
 def test_converted_params_are_the_writers_tensors(universal, converted):
     """Every Flax param equals the fixture's HF weight in Flax layout (independent numpy)."""
     _, fx = universal
-    hf, params = fx["hf"], ic.restore_params(converted)
+    hf, params = fx["hf"], checkpoint.restore_params(converted)
     d = H // NQ
     np.testing.assert_array_equal(params["embed"]["embedding"][:V], hf["model.embed_tokens.weight"])
     np.testing.assert_array_equal(params["lm_head"]["kernel"][:, :V], hf["lm_head.weight"].T)
@@ -212,12 +212,12 @@ def test_committed_fixture_is_the_writers_output(tmp_path, reference):
 
 def test_converted_metadata_and_moments(universal, converted):
     _, fx = universal
-    meta = ic.read_metadata(converted)
+    meta = checkpoint.read_metadata(converted)
     assert meta["iteration"] == ITERATION and meta["adam_step"] == STEP
     assert meta["original_vocab_size"] == V and meta["padded_vocab_size"] == VPAD
     assert meta["param_groups"][0]["lr"] == 1.9e-4 and meta["param_groups"][1]["weight_decay"] == 0
     assert meta["megatron_args"]["rope_theta"] == THETA
-    adam = ic.restore_adam(converted)
+    adam = checkpoint.restore_adam(converted)
     assert int(adam["count"]) == int(STEP)
     # exp_avg of the first layer's dense_4h_to_h [H, F] is mu/layers/mlp/down[0] [F, H].
     m, v = fx["moments"]["language_model.encoder.layers.1.mlp.dense_4h_to_h.weight"]
@@ -232,13 +232,13 @@ def test_restore_into_sharded_arrays(converted):
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    params = ic.restore_params(converted)
+    params = checkpoint.restore_params(converted)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
     spec = lambda x: P("fsdp") if x.shape[0] % 4 == 0 else P()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=NamedSharding(mesh, spec(x))),
                           params)
-    sharded = ic.restore_params(converted, target)
+    sharded = checkpoint.restore_params(converted, target)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
         assert isinstance(a, jax.Array) and a.sharding.mesh.shape == {"data": 2, "fsdp": 4}
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -248,7 +248,7 @@ def test_no_optimizer_state(universal, work):
     root, _ = universal
     dst = str(work / "noopt")
     assert universal_to_orbax.main(["--load", root, "--save", dst, "--no-optimizer-state"]) == 0
-    assert not ic.has_adam(dst) and ic.read_metadata(dst)["adam_step"] is None
+    assert not checkpoint.has_adam(dst) and checkpoint.read_metadata(dst)["adam_step"] is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,8 +341,8 @@ def test_universal_orbax_universal_is_bit_exact(universal, converted, work):
     assert universal_to_orbax.main(["--load", back, "--save", again]) == 0
     import jax
 
-    for x, y in zip(jax.tree.leaves(ic.restore_adam(converted)),
-                    jax.tree.leaves(ic.restore_adam(again))):
+    for x, y in zip(jax.tree.leaves(checkpoint.restore_adam(converted)),
+                    jax.tree.leaves(checkpoint.restore_adam(again))):
         np.testing.assert_array_equal(x, y)
 
 
@@ -356,7 +356,7 @@ def test_pipeline_names_round_trip(tmp_path):
     dst = str(tmp_path / "orbax")
     assert universal_to_orbax.main(["--load", root, "--save", dst]) == 0
     tokens = np.random.default_rng(4).integers(0, V, (1, SEQ)).astype(np.int32)
-    np.testing.assert_allclose(_agpt_logits(ic.restore_params(dst), tokens, dst),
+    np.testing.assert_allclose(_agpt_logits(checkpoint.restore_params(dst), tokens, dst),
                                hf_reference_logits(fx["hf"], tokens), atol=2e-4, rtol=1e-4)
     back = str(tmp_path / "back")
     assert orbax_to_universal.main(["--load", dst, "--save", back]) == 0
@@ -398,8 +398,8 @@ def test_project_writer_fixture_round_trip(tmp_path):
     orbax_to_universal.write_universal(root, contents, source)
     dst = str(tmp_path / "orbax")
     universal_to_orbax.convert(root, dst, universal_to_orbax.ConvertOptions(progress=False))
-    params = ic.restore_params(dst)
-    adam = ic.restore_adam(dst)
+    params = checkpoint.restore_params(dst)
+    adam = checkpoint.restore_adam(dst)
     for path, value in tree.items():
         got = params
         mu = adam["mu"]
@@ -413,8 +413,8 @@ def test_training_run_root_is_resolved(converted, work):
     """orbax_to_universal reads a run's newest finalized CheckpointManager step."""
     import orbax.checkpoint as ocp
 
-    params, adam = ic.restore_params(converted), ic.restore_adam(converted)
-    meta = ic.read_metadata(converted)
+    params, adam = checkpoint.restore_params(converted), checkpoint.restore_adam(converted)
+    meta = checkpoint.read_metadata(converted)
     run = str(work / "run")
     mgr = ocp.CheckpointManager(os.path.join(run, "checkpoints"),
                                 item_names=("params", "adam", "metadata"))
@@ -425,7 +425,7 @@ def test_training_run_root_is_resolved(converted, work):
                                                metadata=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
     os.makedirs(os.path.join(run, "checkpoints", "9.orbax-checkpoint-tmp-1", "params"))
-    assert ic.resolve_checkpoint_dir(run).endswith(os.path.join("checkpoints", "5"))
+    assert checkpoint.resolve_checkpoint_dir(run).endswith(os.path.join("checkpoints", "5"))
     back = str(work / "from_run")
     assert orbax_to_universal.main(["--load", run, "--save", back]) == 0
     assert os.path.basename(uv.resolve_universal_dir(back)) == "global_step5_universal"
@@ -436,12 +436,12 @@ def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(conv
     Megatron args; the export derives the model's args from its config so it converts back."""
     import orbax.checkpoint as ocp
 
-    meta = {k: v for k, v in ic.read_metadata(converted).items() if k != "megatron_args"}
+    meta = {k: v for k, v in checkpoint.read_metadata(converted).items() if k != "megatron_args"}
     run = str(work / "no_args_run")
     mgr = ocp.CheckpointManager(os.path.join(run, "checkpoints"),
                                 item_names=("params", "adam", "metadata"))
-    mgr.save(1, args=ocp.args.Composite(params=ocp.args.PyTreeSave(ic.restore_params(converted)),
-                                        adam=ocp.args.PyTreeSave(ic.restore_adam(converted)),
+    mgr.save(1, args=ocp.args.Composite(params=ocp.args.PyTreeSave(checkpoint.restore_params(converted)),
+                                        adam=ocp.args.PyTreeSave(checkpoint.restore_adam(converted)),
                                         metadata=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
     back, again = str(work / "no_args_universal"), str(work / "no_args_again")
@@ -449,7 +449,7 @@ def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(conv
     assert universal_to_orbax.main(["--load", back, "--save", again]) == 0
     # The expected model is the one the independent writer put in the fixture (universal_writer:
     # its sizes, and the non-default rope theta and norm eps), not what the converter read back.
-    b = ic.model_config(again)
+    b = checkpoint.model_config(again)
     assert (b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.ffn_hidden_size,
             b.padded_vocab_size, b.rope_theta, b.norm_eps) == (L, H, NQ, NKV, F, VPAD, THETA, EPS)
 
@@ -492,7 +492,7 @@ def test_hf_export_logits(universal, converted, work, tmp_path):
     tokens = np.random.default_rng(9).integers(0, V, (2, SEQ)).astype(np.int32)
     with torch.no_grad():
         hf_logits = model(torch.tensor(tokens)).logits.numpy()
-    ours = _agpt_logits(ic.restore_params(converted), tokens, converted)
+    ours = _agpt_logits(checkpoint.restore_params(converted), tokens, converted)
     np.testing.assert_allclose(hf_logits, ours, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(hf_logits, hf_reference_logits(fx["hf"], tokens), atol=1e-5)
     # Sharded output with an index, and a tokenizer folder copied along.

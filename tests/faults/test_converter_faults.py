@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import loop, runtime
 
 import fault_helpers as fh
@@ -59,7 +59,7 @@ def _looks_complete(name: str, save: str) -> bool:
 
 def _check_output(name: str, save: str) -> None:
     if name == "universal_to_orbax":
-        assert ic.read_metadata(save)["format"] == ic.FORMAT
+        assert checkpoint.read_metadata(save)["format"] == checkpoint.FORMAT
     elif name == "orbax_to_universal":
         assert os.path.isfile(os.path.join(save, "latest_universal"))
     else:

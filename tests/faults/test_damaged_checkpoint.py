@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from absl import logging
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax import loop, runtime
 from agpt_jax.metrics import read_metrics
 
@@ -95,8 +95,8 @@ def test_damaged_newest_step_is_skipped(rt, setup, damage):
     assert os.path.isdir(newest + ".damaged")  # kept for inspection, not deleted
     assert os.path.isfile(os.path.join(newest, "_CHECKPOINT_METADATA"))  # written again
     # The run continued from the previous good step exactly as the undamaged run did.
-    for x, y in zip(jax.tree.leaves(ic.restore_params(whole)),
-                    jax.tree.leaves(ic.restore_params(save))):
+    for x, y in zip(jax.tree.leaves(checkpoint.restore_params(whole)),
+                    jax.tree.leaves(checkpoint.restore_params(save))):
         np.testing.assert_array_equal(x, y)
     ref = fh.last_line_per_iteration(read_metrics(os.path.join(whole, "metrics.jsonl")))
     got = fh.last_line_per_iteration(read_metrics(os.path.join(save, "metrics.jsonl")))
@@ -122,5 +122,5 @@ def test_every_step_damaged_is_one_clear_error(rt, setup):
     loop.run(fh.make_cfg("pretrain", save=save, stop_at_iteration=2, **over), rt)
     for step in (1, 2):
         _remove_train_item(os.path.join(save, "checkpoints", str(step)))
-    with pytest.raises(ic.CheckpointError, match=r"every checkpoint of .* is damaged"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"every checkpoint of .* is damaged"):
         loop.run(fh.make_cfg("pretrain", save=save, **over), rt)

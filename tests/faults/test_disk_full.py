@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.metrics import read_metrics
 
 import fault_helpers as fh
@@ -56,9 +56,9 @@ def test_enospc_during_async_save(tmp_path):
             per_it.setdefault(r["iteration"], set()).add(r["loss"])
     assert sorted(per_it) == list(range(1, ITERS + 1))
     assert all(len(v) == 1 for v in per_it.values()), per_it
-    with open(os.path.join(ic.resolve_checkpoint_dir(save), "data", "metadata")) as f:
+    with open(os.path.join(checkpoint.resolve_checkpoint_dir(save), "data", "metadata")) as f:
         assert '"next_iteration": %d' % ITERS in f.read()
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ic.restore_params(save)))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(checkpoint.restore_params(save)))
     fh.record("fault_disk_full", {
         "kind": "fault", "order": 4,
         "title": "disk full while an asynchronous checkpoint is written",

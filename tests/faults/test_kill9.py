@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.metrics import read_metrics
 
 import fault_helpers as fh
@@ -133,7 +133,7 @@ def test_kill9_chain_resumes_bit_exact(tmp_path):
                   if "loss" in r and r["loss"] != ref_losses[r["iteration"]]]
     assert not mismatched, mismatched[:5]
     assert fh.last_line_per_iteration(records) == ref_losses
-    for name, restore in (("params", ic.restore_params), ("adam", ic.restore_adam)):
+    for name, restore in (("params", checkpoint.restore_params), ("adam", checkpoint.restore_adam)):
         for x, y in zip(jax.tree.leaves(restore(ref)), jax.tree.leaves(restore(save))):
             np.testing.assert_array_equal(x, y, err_msg=name)
 

@@ -27,8 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import checkpoint as ckpt_lib
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.metrics import read_metrics
 
 import fault_helpers as fh
@@ -97,11 +96,11 @@ def _per_iteration(save: str) -> dict[int, dict]:
 
 
 def _final(save: str) -> dict:
-    step = ic.resolve_checkpoint_dir(save)
-    with open(os.path.join(step, ckpt_lib.ITEM_DATA, "metadata")) as f:
+    step = checkpoint.resolve_checkpoint_dir(save)
+    with open(os.path.join(step, checkpoint.ITEM_DATA, "metadata")) as f:
         data_state = json.load(f)
-    return {"step": os.path.basename(step), "progress": ckpt_lib.read_progress(step),
-            "data": data_state, "params": ic.restore_params(step), "adam": ic.restore_adam(step)}
+    return {"step": os.path.basename(step), "progress": checkpoint.read_progress(step),
+            "data": data_state, "params": checkpoint.restore_params(step), "adam": checkpoint.restore_adam(step)}
 
 
 def _assert_resumed(job: list[fh.Child], step: int) -> None:
@@ -237,7 +236,7 @@ def test_disk_full_during_an_array_write(work, reference):
     assert done > ENOSPC_STEP
 
     ref = reference()
-    for name, restore in (("params", ic.restore_params), ("adam", ic.restore_adam)):
+    for name, restore in (("params", checkpoint.restore_params), ("adam", checkpoint.restore_adam)):
         want = restore(os.path.join(ref, "checkpoints", str(previous)))
         got = restore(os.path.join(checkpoints, str(previous)))
         for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

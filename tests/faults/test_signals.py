@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 from agpt_jax.metrics import read_metrics
 
 import fault_helpers as fh
@@ -52,10 +52,10 @@ def test_sigterm_and_sigusr1_save_and_exit_zero(tmp_path):
         to_ckpt = saved[-1] - sent
         assert "stopped by signal" in child.text
         last = fh.last_line_per_iteration(read_metrics(os.path.join(save, "metrics.jsonl")))
-        step = ic.resolve_checkpoint_dir(save)
+        step = checkpoint.resolve_checkpoint_dir(save)
         assert int(os.path.basename(step)) == max(last)  # the last iteration done is saved
         assert os.path.isfile(os.path.join(step, "_CHECKPOINT_METADATA"))
-        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ic.restore_params(step)))
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(checkpoint.restore_params(step)))
         rows.append((name, max(last), to_ckpt, exited))
     for name, last, to_ckpt, exited in rows:
         fh.record(f"fault_signal_{name.lower()}", {

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax import checkpoint
 
 
 def _tree(rng):
@@ -21,7 +21,7 @@ def _tree(rng):
 
 
 def _write_streaming(item_dir, tree):
-    w = ic.PyTreeItemWriter(item_dir, max_inflight_bytes=64)
+    w = checkpoint.PyTreeItemWriter(item_dir, max_inflight_bytes=64)
     q = tree["layers"]["attn"]["q"]
     w.create(("layers", "attn", "q"), q.shape, stacked=True)
     w.create(("embed", "embedding"), tree["embed"]["embedding"].shape)
@@ -63,7 +63,7 @@ def test_streaming_writer_matches_orbax_format(tmp_path):
     np.testing.assert_array_equal(restored["embed"]["embedding"], tree["embed"]["embedding"])
     assert int(restored["count"]) == 11
     # Our slice reader reads Orbax's.
-    reader = ic.PyTreeItemReader(theirs)
+    reader = checkpoint.PyTreeItemReader(theirs)
     np.testing.assert_array_equal(reader.read(("layers", "attn", "q"), 2),
                                   tree["layers"]["attn"]["q"][2])
 
@@ -71,25 +71,25 @@ def test_streaming_writer_matches_orbax_format(tmp_path):
 def test_step_directory_restores_with_composite_handler(tmp_path):
     tree = _tree(np.random.default_rng(1))
     d = str(tmp_path / "ckpt")
-    _write_streaming(os.path.join(d, ic.ITEM_PARAMS), tree)
-    ic.write_metadata_item(d, {"model": {}, "iteration": 3})
-    ic.write_step_metadata(d, [ic.ITEM_PARAMS, ic.ITEM_METADATA], time.time_ns())
+    _write_streaming(os.path.join(d, checkpoint.ITEM_PARAMS), tree)
+    checkpoint.write_metadata_item(d, {"model": {}, "iteration": 3})
+    checkpoint.write_step_metadata(d, [checkpoint.ITEM_PARAMS, checkpoint.ITEM_METADATA], time.time_ns())
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         out = ckptr.restore(d, args=ocp.args.Composite(
             params=ocp.args.PyTreeRestore(), metadata=ocp.args.JsonRestore()))
     np.testing.assert_array_equal(out["params"]["embed"]["embedding"], tree["embed"]["embedding"])
-    assert out["metadata"]["iteration"] == 3 and out["metadata"]["format"] == ic.FORMAT
-    assert ic.resolve_checkpoint_dir(d) == d
+    assert out["metadata"]["iteration"] == 3 and out["metadata"]["format"] == checkpoint.FORMAT
+    assert checkpoint.resolve_checkpoint_dir(d) == d
 
 
 def test_resolve_errors(tmp_path):
-    with pytest.raises(ic.CheckpointError, match="no such checkpoint directory"):
-        ic.resolve_checkpoint_dir(str(tmp_path / "missing"))
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint directory"):
+        checkpoint.resolve_checkpoint_dir(str(tmp_path / "missing"))
     half = tmp_path / "half"
     (half / "params").mkdir(parents=True)
-    with pytest.raises(ic.CheckpointError, match="never finished"):
-        ic.resolve_checkpoint_dir(str(half))
+    with pytest.raises(checkpoint.CheckpointError, match="never finished"):
+        checkpoint.resolve_checkpoint_dir(str(half))
     run = tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-9"
     run.mkdir(parents=True)
-    with pytest.raises(ic.CheckpointError, match="only unfinished saves"):
-        ic.resolve_checkpoint_dir(str(tmp_path / "run"))
+    with pytest.raises(checkpoint.CheckpointError, match="only unfinished saves"):
+        checkpoint.resolve_checkpoint_dir(str(tmp_path / "run"))

@@ -1,6 +1,6 @@
 """The run's Orbax CheckpointManager: SAVE/checkpoints/<iteration>/ with five items.
 
-    params/    PyTree: the fp32 params tree (same item as agpt_jax.init_checkpoint, so converters
+    params/    PyTree: the fp32 params tree (same item as agpt_jax.checkpoint.layout, so converters
                read a run's step directory like a converted checkpoint)
     adam/      PyTree: {"mu", "nu", "count"}: Adam moments and step (torch's exp_avg, exp_avg_sq,
                step)
@@ -8,7 +8,7 @@
                corpus, skipped updates, the last LR)
     data/      JSON: the batch iterator state (agpt_jax.data.BatchIterator.get_state)
     metadata/  JSON: agpt-jax metadata (format, model, param_groups, iteration, adam_step, the
-               resolved run config), as agpt_jax.init_checkpoint.read_metadata expects
+               resolved run config), as agpt_jax.checkpoint.read_metadata expects
 
 Saves are asynchronous (the device-to-host copy happens before `save` returns, the write in the
 background; on CPU, where that "copy" is a view of the device buffer which the next donated train
@@ -29,16 +29,16 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from agpt_jax import init_checkpoint as ic
+from agpt_jax.checkpoint import layout
 
 PyTree = Any
 
 ITEM_TRAIN = "train"
 ITEM_DATA = "data"
-ITEMS = (ic.ITEM_PARAMS, ic.ITEM_ADAM, ITEM_TRAIN, ITEM_DATA, ic.ITEM_METADATA)
+ITEMS = (layout.ITEM_PARAMS, layout.ITEM_ADAM, ITEM_TRAIN, ITEM_DATA, layout.ITEM_METADATA)
 
 
-class CheckpointWriteError(ic.CheckpointError):
+class CheckpointWriteError(layout.CheckpointError):
     """Writing a checkpoint failed (disk full, quota, I/O error); earlier steps are intact."""
 
 
@@ -87,7 +87,7 @@ class TrainProgress:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
-            raise ic.CheckpointError(f"train item has unknown fields {unknown}; it was written by "
+            raise layout.CheckpointError(f"train item has unknown fields {unknown}; it was written by "
                                      "another agpt-jax version")
         return cls(**d)
 
@@ -122,7 +122,7 @@ class RunCheckpointer:
         self._pending: int | None = None
         self._failed: CheckpointWriteError | None = None
         self._copy = copy_before_async_save
-        self.directory = os.path.join(os.path.abspath(run_dir), ic.CHECKPOINTS_SUBDIR)
+        self.directory = os.path.join(os.path.abspath(run_dir), layout.CHECKPOINTS_SUBDIR)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -154,11 +154,11 @@ class RunCheckpointer:
         self._pending = step
         with self._reporting_write_errors():
             self._manager.save(step, args=ocp.args.Composite(**{
-                ic.ITEM_PARAMS: ocp.args.PyTreeSave(params),
-                ic.ITEM_ADAM: ocp.args.PyTreeSave(adam),
+                layout.ITEM_PARAMS: ocp.args.PyTreeSave(params),
+                layout.ITEM_ADAM: ocp.args.PyTreeSave(adam),
                 ITEM_TRAIN: ocp.args.JsonSave(dataclasses.asdict(progress)),
                 ITEM_DATA: ocp.args.JsonSave(data_state),
-                ic.ITEM_METADATA: ocp.args.JsonSave(metadata),
+                layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
             }), force=True)
             if wait:
                 self._manager.wait_until_finished()
@@ -198,20 +198,20 @@ class RunCheckpointer:
             params_target, adam_target: trees of jax.ShapeDtypeStruct with `sharding=`.
         """
         args = ocp.args.Composite(**{
-            ic.ITEM_PARAMS: ocp.args.PyTreeRestore(
+            layout.ITEM_PARAMS: ocp.args.PyTreeRestore(
                 item=params_target,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(params_target)),
-            ic.ITEM_ADAM: ocp.args.PyTreeRestore(
+            layout.ITEM_ADAM: ocp.args.PyTreeRestore(
                 item=adam_target,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(adam_target)),
             ITEM_TRAIN: ocp.args.JsonRestore(),
             ITEM_DATA: ocp.args.JsonRestore(),
-            ic.ITEM_METADATA: ocp.args.JsonRestore(),
+            layout.ITEM_METADATA: ocp.args.JsonRestore(),
         })
         out = self._manager.restore(step, args=args)
-        return Restored(params=out[ic.ITEM_PARAMS], adam=out[ic.ITEM_ADAM],
+        return Restored(params=out[layout.ITEM_PARAMS], adam=out[layout.ITEM_ADAM],
                         progress=TrainProgress.from_json(dict(out[ITEM_TRAIN])),
-                        data_state=dict(out[ITEM_DATA]), metadata=dict(out[ic.ITEM_METADATA]))
+                        data_state=dict(out[ITEM_DATA]), metadata=dict(out[layout.ITEM_METADATA]))
 
     def restore_newest(self, params_target: PyTree, adam_target: dict[str, PyTree]
                        ) -> tuple[int, Restored] | None:
@@ -244,7 +244,7 @@ class RunCheckpointer:
                 damaged.append(f"{self.step_dir(step)} ({reason[:200]})")
                 self._move_aside(step)
         if damaged:
-            raise ic.CheckpointError(
+            raise layout.CheckpointError(
                 f"every checkpoint of {self.directory} is damaged: {'; '.join(damaged)}; restore "
                 "one from a backup or start a new SAVE")
         return None
