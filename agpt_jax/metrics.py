@@ -11,25 +11,25 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
 
-# Peak dense bf16 TFLOP/s per jax device, the MFU denominator.
-# XPU: Intel Data Center GPU Max 1550, 832 TFLOP/s bf16 per GPU from its matrix engines (1024 XMX x
-# 512 bf16 FLOP per clock x 1.6 GHz, Intel's published figure), 2 stacks per GPU -> 416 per stack,
-# and each stack ("tile") is one jax device. ALCF's Aurora node performance overview reports a
-# measured bf16 GEMM rate well below this peak (about 273 TFLOP/s). The same figure is stated in
-# benchmarks/data_pipeline.py. CPU has no meaningful table value: configure
-# `peak_tflops_per_device` to get an MFU there (it is reported as 0 otherwise).
-PEAK_TFLOPS_PER_DEVICE = {"xpu": 416.0, "cpu": 0.0}
 
+def peak_tflops(capabilities: Any, configured: float) -> float:
+    """The MFU denominator: `configured` when > 0, else the platform's peak (0 when unknown).
 
-def peak_tflops(platform: str, configured: float) -> float:
-    """The MFU denominator: `configured` when > 0, else the table entry (0 when unknown)."""
+    The peak is the runtime's (``Capabilities.peak_tflops_per_device``, with its sources, in
+    agpt_jax/runtime/capabilities.py: 416 TFLOP/s bf16 per XPU stack, 0 elsewhere).
+
+    Args:
+        capabilities: ``Runtime.capabilities`` (anything with ``peak_tflops_per_device``).
+        configured: ``peak_tflops_per_device`` of the run config; 0 uses the platform's.
+    """
     if configured > 0:
         return configured
-    return PEAK_TFLOPS_PER_DEVICE.get(platform, 0.0)
+    return float(capabilities.peak_tflops_per_device)
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, devices: int,

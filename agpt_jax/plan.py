@@ -13,6 +13,11 @@ on the fewest devices the other sizes allow (1 for the default), and the table s
 other flags: `--grad_accum`, `--remat`, `--attention`, `--compute_dtype`, `--strategy`,
 `--device_memory_gb` (the budget checked against, default 64) and `--json`.
 
+`--target` names the platform whose capabilities shape the lowered step (the attention that
+"auto" picks and the blockwise tiles, `agpt_jax.runtime.capabilities_for`): `cpu` (the default:
+the simulated devices' own, as before) or `xpu` (what a run on Intel XPU traces: blockwise
+attention with its 512 tiles). The step is compiled for CPU devices either way.
+
 Exit codes: 0 the step fits --device_memory_gb; 1 it does not fit (the check asked for failed; the
 table is still printed), or compiling the step failed; 2 bad input (a flag, --mesh, --model, a
 --devices the mesh cannot cover), one line naming it.
@@ -43,6 +48,8 @@ _DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "compute dtype")
 _STRATEGY = flags.DEFINE_enum("strategy", "fsdp", ["fsdp", "zero1"], "sharding strategy")
 _BUDGET = flags.DEFINE_float("device_memory_gb", 64.0, "memory per device to check against (GB)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+_TARGET = flags.DEFINE_enum("target", "cpu", [p for p in runtime.PLATFORMS if p != "auto"],
+                            "platform whose attention choice and tiles the step is traced with")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +103,17 @@ def _mesh_from_flags(devices: int | None) -> tuple[runtime.MeshConfig, int, str]
 
 def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
               micro_batch: int, grad_accum: int, remat: str | None, attention: str | None,
-              compute_dtype: str, strategy: str, device_memory_gb: float) -> Plan:
-    """Compile the train step for the current devices and read XLA's memory and cost analysis."""
+              compute_dtype: str, strategy: str, device_memory_gb: float,
+              target: str | runtime.Capabilities | None = None) -> Plan:
+    """Compile the train step for the current devices and read XLA's memory and cost analysis.
+
+    Args:
+        target: the platform (a name or its Capabilities) whose attention choice and tiles the
+            step is traced with; None: the running runtime's.
+    """
+    from agpt_jax import attention as attention_lib
     from agpt_jax import model as model_lib
-    from agpt_jax import optim, train
+    from agpt_jax import optim, schedules, train
 
     cfg = model_lib.get_preset(model_name)
     changes = {"compute_dtype": compute_dtype}
@@ -113,14 +127,16 @@ def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
     mesh = runtime.make_mesh(mesh_cfg)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     gbs = micro_batch * dp * grad_accum
-    schedule = optim.make_schedule(optim.ScheduleConfig(train_iters=1000, global_batch_size=gbs))
-    trainer = train.build_trainer(cfg, optim.OptimConfig(), schedule,
-                                  train.StepConfig(gbs, grad_accum), mesh, strategy=strategy)
-    start = time.perf_counter()
-    compiled = trainer.step.lower(
-        trainer.abstract_state,
-        train.abstract_batch(gbs, cfg.seq_length, trainer.batch_sharding)).compile()
-    compile_s = time.perf_counter() - start
+    schedule = schedules.make_schedule(
+        schedules.ScheduleConfig(train_iters=1000, global_batch_size=gbs))
+    with attention_lib.platform_default(target):  # what the model's attention calls trace with
+        trainer = train.build_trainer(cfg, optim.OptimConfig(), schedule,
+                                      train.StepConfig(gbs, grad_accum), mesh, strategy=strategy)
+        start = time.perf_counter()
+        compiled = trainer.step.lower(
+            trainer.abstract_state,
+            train.abstract_batch(gbs, cfg.seq_length, trainer.batch_sharding)).compile()
+        compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -176,7 +192,7 @@ def main(argv: Sequence[str]) -> int:
         plan = make_plan(_MODEL.value, mesh_cfg, seq=_SEQ.value, micro_batch=_MICRO.value,
                          grad_accum=_ACCUM.value, remat=_REMAT.value, attention=_ATTENTION.value,
                          compute_dtype=_DTYPE.value, strategy=_STRATEGY.value,
-                         device_memory_gb=_BUDGET.value)
+                         device_memory_gb=_BUDGET.value, target=_TARGET.value)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return runtime.EXIT_USAGE

@@ -14,7 +14,8 @@ Read from the wheels themselves (``jax_plugins/<module>/__init__.py`` and the di
 | Pallas | no lowering for ``sycl`` | no lowering for ``oneapi`` (jax/_src/pallas/pallas_call.py lowers cpu, tpu, cuda, rocm) |
 
 Nothing here imports jax or a plugin: :func:`installed` asks the package metadata only, so it
-is safe before jax starts and on a machine without an Intel GPU.
+is safe before jax starts and on a machine without an Intel GPU. Which plugin is behind a backend
+jax reports is the runtime's to say (``agpt_jax.runtime.plugin_for_backend``).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ ONEAPI = XpuPlugin(
     distributions=("jax-oneapi-plugin", "jax-oneapi-pjrt"),
     module="jax_plugins.xla_oneapi",
     # The plugin asks for platform_name "SYCL"; jax 0.11 knows the backend as "oneapi" (an alias
-    # of "gpu"). Which name the devices report was not seen on a device: for_jax_platform
-    # accepts each.
+    # of "gpu"). Which name the devices report was not seen on a device:
+    # agpt_jax.runtime.plugin_for_backend accepts each.
     backend="oneapi",
     stack="Python 3.12 + jax 0.11",
     install="python3.12 -m pip install -c constraints-jax011.txt -e '.[oneapi]'",
@@ -95,22 +96,6 @@ def _module_present(module: str) -> bool:
 def installed() -> list[XpuPlugin]:
     """The plugins whose distribution and ``jax_plugins`` module are both present."""
     return [p for p in PLUGINS if version(p.name) is not None and _module_present(p.module)]
-
-
-def for_jax_platform(jax_platform: str, platform_version: str = "") -> XpuPlugin | None:
-    """The plugin behind a backend jax reports, or None for a backend that is not Intel's.
-
-    Args:
-        jax_platform: ``jax.default_backend()`` / ``device.platform``.
-        platform_version: the client's ``platform_version``; jax 0.11 names a ``gpu`` backend of
-            the oneapi plugin there (jax/_src/array.py reads ``"oneapi" in platform_version``).
-    """
-    if jax_platform == "oneapi" or (jax_platform == "gpu" and "oneapi" in platform_version.lower()):
-        return ONEAPI
-    if jax_platform == "sycl":  # the extension's name, and the upstream plugin's platform_name
-        found = installed()
-        return ONEAPI if ONEAPI in found and EXTENSION not in found else EXTENSION
-    return None
 
 
 def missing_message(current_stack: str) -> str:

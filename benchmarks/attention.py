@@ -11,9 +11,9 @@ to q, k, v and prints:
 - XLA's own accounting of the compiled program's temporary memory (memory_analysis().temp bytes;
   inputs and outputs excluded), and its ratio to xla's.
 
-Defaults follow the platform: on CPU reduced sizes (seq 512-2048, 8 / 2 heads, fp32, pallas in
-interpret mode); on a GPU the training shapes of the 7B model (seq 1024-4096, 32 / 8 heads,
-head_dim 128, bf16).
+Defaults follow the platform's capabilities: where the Pallas kernels compile (a CUDA GPU) the
+training shapes of the 7B model (seq 1024-4096, 32 / 8 heads, head_dim 128, bf16); elsewhere, where
+pallas runs in interpret mode (CPU), reduced sizes (seq 512-2048, 8 / 2 heads, fp32).
 
     python benchmarks/attention.py [--seq 512,1024,2048] [--heads 8] [--kv-heads 2]
         [--head-dim 128] [--batch 1] [--dtype float32] [--impls xla,blockwise,pallas] [--iters 5]
@@ -80,7 +80,8 @@ def make_inputs(shape: Shape, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.
             jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
 
 
-def train_fn(impl: str, platform: str) -> Callable[..., tuple[jax.Array, ...]]:
+def train_fn(impl: str, platform: str | runtime.Capabilities
+             ) -> Callable[..., tuple[jax.Array, ...]]:
     """(q, k, v, dout) -> (out, dq, dk, dv): one forward and one backward pass."""
 
     def run(q, k, v, dout):
@@ -91,7 +92,7 @@ def train_fn(impl: str, platform: str) -> Callable[..., tuple[jax.Array, ...]]:
     return run
 
 
-def forward_fn(impl: str, platform: str) -> Callable[..., jax.Array]:
+def forward_fn(impl: str, platform: str | runtime.Capabilities) -> Callable[..., jax.Array]:
     """(q, k, v, dout) -> out: the forward pass alone (dout unused, same signature)."""
     return lambda q, k, v, dout: attention_lib.attention(q, k, v, impl=impl, platform=platform)
 
@@ -145,7 +146,8 @@ def _parse_ints(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> str:
     rt = runtime.initialize()
-    on_gpu = rt.platform == "gpu"
+    caps = rt.capabilities
+    on_gpu = not caps.pallas_interpret  # full 7B shapes where the Pallas kernels compile
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", default="1024,2048,4096" if on_gpu else "512,1024,2048")
     parser.add_argument("--heads", type=int, default=32 if on_gpu else 8)
@@ -166,12 +168,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     for seq in _parse_ints(args.seq):
         shape = Shape(args.batch, seq, args.heads, args.kv_heads, args.head_dim, args.dtype)
         for impl in impls:
-            rows.append(measure(train_fn(impl, rt.platform), impl, shape, args.iters))
+            rows.append(measure(train_fn(impl, caps), impl, shape, args.iters))
             print(f"measured {impl} seq {seq}: {rows[-1].seconds * 1e3:.1f} ms", flush=True)
     header = (f"platform {rt.platform} ({rt.device_kind}), batch {args.batch}, heads "
               f"{args.heads}/{args.kv_heads}, head_dim {args.head_dim}, {args.dtype}, causal, "
               f"median of {args.iters}")
-    table = header + "\n\n" + format_table(rows, tera=rt.platform != "cpu")
+    table = header + "\n\n" + format_table(rows, tera=caps.accelerator)
     print(table)
     return table
 

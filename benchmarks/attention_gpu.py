@@ -106,7 +106,8 @@ def _value_and_grads(fn, args: Sequence[jax.Array]) -> list[np.ndarray]:
     return [np.asarray(x, np.float32) for x in run(*args)]
 
 
-def check(case: CheckCase, impls: Sequence[str], platform: str) -> list[dict[str, object]]:
+def check(case: CheckCase, impls: Sequence[str], platform: str | runtime.Capabilities
+          ) -> list[dict[str, object]]:
     """Relative errors of out, dq, dk, dv of each implementation against the reference."""
     args = bench.make_inputs(case.shape, seed=1)
     precision = "highest" if case.shape.dtype == "float32" else "default"
@@ -137,10 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rt = runtime.initialize()
-    if not args.cpu_smoke and rt.platform != "gpu":
+    if not args.cpu_smoke and rt.capabilities.pallas_interpret:  # no Triton: not a CUDA GPU
         print(f"no CUDA GPU here (platform {rt.platform}); run with --cpu-smoke for the CPU check")
         return 2
-    platform = rt.platform
+    platform = rt.capabilities
     impls = attention_lib.IMPLEMENTATIONS
     cases = SMOKE_CASES if args.cpu_smoke else GPU_CASES
     timing_shape = SMOKE_TIMING if args.cpu_smoke else GPU_TIMING

@@ -207,16 +207,16 @@ def _jax_setup(v: Variant):
     import numpy as np
 
     from agpt_jax import model as model_lib
-    from agpt_jax import optim, runtime, train
+    from agpt_jax import optim, runtime, schedules, train
 
     cfg = model_lib.get_preset(PRESET).replace(compute_dtype=v.dtype, remat="none",
                                                attention=v.attention)
     mesh = runtime.make_mesh(runtime.MeshConfig(data=1, fsdp=1, tensor=1),
                              devices=jax.devices()[:1])
-    schedule_cfg = optim.ScheduleConfig(style="constant", max_lr=3e-4, min_lr=3e-4,
-                                        train_iters=1000, global_batch_size=MICRO_BATCH)
+    schedule_cfg = schedules.ScheduleConfig(style="constant", max_lr=3e-4, min_lr=3e-4,
+                                            train_iters=1000, global_batch_size=MICRO_BATCH)
     trainer = train.build_trainer(cfg, optim.OptimConfig(clip_grad=1.0),
-                                  optim.make_schedule(schedule_cfg),
+                                  schedules.make_schedule(schedule_cfg),
                                   train.StepConfig(global_batch_size=MICRO_BATCH), mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (MICRO_BATCH, cfg.seq_length + 1), dtype=np.int32)
@@ -384,7 +384,7 @@ def child_profile(v: Variant, out_dir: str, steps: int) -> dict[str, Any]:
 
     from agpt_jax import attention as attention_lib
     from agpt_jax import model as model_lib
-    from agpt_jax import optim
+    from agpt_jax import optim, runtime
 
     cfg, trainer, batch = _jax_setup(v)
     state = trainer.init(jax.random.PRNGKey(0))
@@ -435,7 +435,8 @@ def child_profile(v: Variant, out_dir: str, steps: int) -> dict[str, Any]:
     k = jax.random.normal(key, (b, s, cfg.num_kv_heads, d), dtype)
 
     def attn_loss(q, k, vv):
-        out = attention_lib.attention(q, k, vv, causal=True, impl=cfg.attention, platform="cpu")
+        out = attention_lib.attention(q, k, vv, causal=True, impl=cfg.attention,
+                                      platform=runtime.capabilities_for("cpu"))
         return jnp.sum(out.astype(jnp.float32))
 
     attn = jax.jit(jax.value_and_grad(attn_loss, argnums=(0, 1, 2)))

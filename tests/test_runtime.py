@@ -1,9 +1,9 @@
-"""Tests of agpt_jax.runtime: mesh construction, launcher detection, multi-process start-up."""
+"""Tests of agpt_jax.runtime: mesh construction, launcher detection, multi-process start-up, the
+platform capabilities."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from agpt_jax import compat, runtime, xpu
+from agpt_jax import compat, metrics, runtime, xpu
 from agpt_jax.runtime import MeshConfig, make_mesh, parse_mesh
 
 
@@ -262,6 +262,83 @@ def test_initialize_cpu_single_process(monkeypatch):
         runtime.initialize("metal")
 
 
+def test_the_runtime_resolves_its_capabilities_once(monkeypatch):
+    """On CPU the runtime's capabilities are the table's; the old fields read them."""
+    _no_launcher_env(monkeypatch)
+    rt = runtime.initialize("cpu")
+    caps = rt.capabilities
+    assert caps == runtime.capabilities_for("cpu") and caps.platform == rt.platform
+    assert (rt.default_attention, rt.supports_donation, rt.supports_host_callbacks) == (
+        caps.default_attention, caps.supports_donation, caps.supports_host_callbacks)
+    assert caps.copy_before_async_save and not caps.accelerator and caps.pallas_interpret
+    assert caps.xla_flags == compat.CPU_XLA_FLAGS == runtime.CPU_XLA_FLAGS
+    assert "attention=xla donation=True host_callbacks=True" in rt.describe()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        caps.peak_tflops_per_device = 1.0  # type: ignore[misc]
+
+
+def test_capabilities_table():
+    """What each named target can do, without starting anything (plan.py plans an XPU job on CPU)."""
+    table = {name: runtime.capabilities_for(name) for name in runtime.TARGET_PLATFORMS}
+    assert runtime.TARGET_PLATFORMS == ("cpu", "gpu", "xpu", "tpu")
+    assert all(caps.platform == name for name, caps in table.items())
+    assert len(set(table.values())) == 4  # hashable, and no two alike
+    cpu, gpu, xpu_, tpu = (table[n] for n in runtime.TARGET_PLATFORMS)
+    assert [c.default_attention for c in (cpu, gpu, xpu_, tpu)] == ["xla", "pallas", "blockwise",
+                                                                    "xla"]
+    assert [c.blockwise_block for c in (cpu, gpu, xpu_, tpu)] == [256, 512, 512, 512]
+    assert [c.blockwise_split_single_block for c in (cpu, gpu, xpu_, tpu)] == [True] + [False] * 3
+    assert [c.pallas_interpret for c in (cpu, gpu, xpu_, tpu)] == [True, False, True, True]
+    # metrics' MFU denominators: 416 TFLOP/s bf16 per Max 1550 stack, no figure elsewhere.
+    assert [c.peak_tflops_per_device for c in (cpu, gpu, xpu_, tpu)] == [0.0, 0.0, 416.0, 0.0]
+    # Orbax's host "copy" is a view of the donated state on CPU only.
+    assert [c.copy_before_async_save for c in (cpu, gpu, xpu_, tpu)] == [True] + [False] * 3
+    assert [c.accelerator for c in (cpu, gpu, xpu_, tpu)] == [False] + [True] * 3
+    assert gpu.xla_flags == xpu_.xla_flags == tpu.xla_flags == ()
+    # The stricter XPU stack (the extension at jax 0.5.0): no host callbacks.
+    assert not xpu_.supports_host_callbacks and xpu_.supports_donation
+    assert runtime.capabilities_for(xpu_) is xpu_
+    for bad in ("cuda", "sycl", "auto", None):
+        with pytest.raises(ValueError, match="expected one of"):
+            runtime.capabilities_for(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend, version, platform, plugin", [
+    ("cpu", "", "cpu", None), ("cuda", "", "gpu", None), ("rocm", "", "gpu", None),
+    ("tpu", "", "tpu", None), ("sycl", "", "xpu", xpu.EXTENSION),
+    ("oneapi", "", "xpu", xpu.ONEAPI), ("gpu", "PJRT oneapi 0.11.2", "xpu", xpu.ONEAPI),
+    ("METAL", "", "METAL", None),
+])
+def test_platform_of_backend(backend, version, platform, plugin):
+    assert runtime.platform_of_backend(backend, version) == (platform, plugin)
+
+
+def test_capabilities_of_a_running_backend():
+    from agpt_jax.runtime import capabilities as capabilities_lib
+
+    def resolve(platform, backend, donation=True, callbacks=True):
+        return capabilities_lib.for_backend(platform, backend, supports_donation=donation,
+                                            supports_host_callbacks=callbacks)
+
+    assert resolve("gpu", "cuda").default_attention == "pallas"
+    assert resolve("gpu", "rocm").default_attention == "xla"  # Pallas' default needs CUDA
+    sycl = resolve("xpu", "sycl", donation=False, callbacks=False)
+    assert (sycl.supports_donation, sycl.supports_host_callbacks) == (False, False)
+    assert resolve("xpu", "oneapi").supports_host_callbacks
+    assert resolve("xpu", "oneapi").peak_tflops_per_device == 416.0
+    assert resolve("cpu", "cpu") == runtime.capabilities_for("cpu")
+    other = resolve("METAL", "METAL")  # a backend outside the table: generic capabilities
+    assert (other.platform, other.default_attention, other.blockwise_block) == ("METAL", "xla", 512)
+
+
+def test_peak_tflops_reads_the_capabilities():
+    xpu_caps = runtime.capabilities_for("xpu")
+    assert metrics.peak_tflops(xpu_caps, 0.0) == 416.0
+    assert metrics.peak_tflops(runtime.capabilities_for("cpu"), 0.0) == 0.0
+    assert metrics.peak_tflops(xpu_caps, 100.0) == 100.0  # configured wins
+    assert metrics.peak_tflops(runtime.capabilities_for("cpu"), 7.0) == 7.0
+
+
 def test_sycl_donation_workaround_edits_jax_allow_list():
     from jax._src.interpreters import mlir
 
@@ -386,6 +463,11 @@ def test_check_command_text_and_json():
     assert report["ok"] and report["runtime"]["device_count"] == 3
     assert report["versions"]["jax"] == jax.__version__
     assert [c["name"] for c in report["checks"]] == ["devices", "all-reduce", "fused attention"]
+    # The report's runtime entries are what they were before Runtime.capabilities existed.
+    assert list(report["runtime"]) == [
+        "platform", "process_index", "process_count", "local_device_count", "device_count",
+        "workarounds", "default_attention", "supports_donation", "supports_host_callbacks",
+        "device_kind", "jax_platform"]
 
 
 def test_check_command_bad_input_exits_2_with_one_line():
@@ -433,10 +515,10 @@ def test_check_command_fails_clearly_without_plugin():
 def test_plugin_table_matches_the_backends_jax_knows():
     """The table's claims about jax hold for the jax of the plugin's stack: jax 0.11 knows the
     oneapi backend and donates on it; jax 0.5.0 does not donate on the extension's sycl."""
-    assert xpu.for_jax_platform("oneapi") is xpu.ONEAPI
-    assert xpu.for_jax_platform("gpu", "PJRT oneapi 0.11.2") is xpu.ONEAPI
-    assert xpu.for_jax_platform("sycl") is xpu.EXTENSION
-    assert xpu.for_jax_platform("cuda") is None and xpu.for_jax_platform("cpu") is None
+    assert runtime.plugin_for_backend("oneapi") is xpu.ONEAPI
+    assert runtime.plugin_for_backend("gpu", "PJRT oneapi 0.11.2") is xpu.ONEAPI
+    assert runtime.plugin_for_backend("sycl") is xpu.EXTENSION
+    assert runtime.plugin_for_backend("cuda") is None and runtime.plugin_for_backend("cpu") is None
     from jax._src import xla_bridge
     from jax._src.interpreters import mlir
 

@@ -8,15 +8,21 @@ The model calls only `attention`. Implementations (one module each, same core si
   O(seq x block) memory on every backend, the fast path on Intel XPU (spec/jax-stack.md §2).
 - "pallas": a Pallas flash-attention kernel (forward and backward) with GQA inside the kernel;
   compiled with Triton on CUDA GPUs, run in Pallas interpret mode everywhere else.
-- "auto": resolved by `select` from the platform and the sequence length.
+- "auto": resolved by `select` from the platform's capabilities and the sequence length.
 
-The platform ("cpu" | "gpu" | "xpu" | "tpu", `Runtime.platform`) is an argument because only the
-runtime module reads jax's backend. When it is not passed, the module default applies: the one set
-with `set_default_platform`, else the platform of `agpt_jax.runtime.initialize()` (imported lazily;
-idempotent, so it returns the already initialised runtime).
+What the platform can do is an `agpt_jax.runtime.Capabilities` (its "auto" choice, the blockwise
+tiles, whether Pallas compiles); this module compares no platform names. It is an argument
+(`platform`: a Capabilities, e.g. `Runtime.capabilities`, or the name of a target, "cpu" | "gpu" |
+"xpu" | "tpu", read with `agpt_jax.runtime.capabilities_for`) because only the runtime reads jax's
+backend. When it is not passed, the module default applies: the one set with
+`set_default_platform`, else the capabilities of `agpt_jax.runtime.initialize()` (idempotent, so
+it returns the already initialised runtime).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from absl import logging
 import jax
@@ -24,71 +30,84 @@ import jax
 from agpt_jax.attention import blockwise
 from agpt_jax.attention import pallas
 from agpt_jax.attention import xla
+from agpt_jax import runtime
+from agpt_jax.runtime import Capabilities, capabilities_for
 
 IMPLEMENTATIONS = ("xla", "blockwise", "pallas")
 CHOICES = IMPLEMENTATIONS + ("auto",)
-PLATFORMS = ("cpu", "gpu", "xpu", "tpu")
 
-# From these sequence lengths on, "auto" avoids the materialised [seq, seq] scores: CPU_LONG_SEQUENCE
-# on CPU, LONG_SEQUENCE on TPU. Measured on CPU with benchmarks/attention.py (8 / 2 heads, head_dim
-# 128, fp32, fwd + bwd, BENCHMARKS.md): blockwise takes 1.17x xla's time at 128, 0.68x at 256,
-# 0.44x at 512, 0.21x at 1024 and 0.23x at 2048, with 0.94x to 0.076x of its temporary memory.
-CPU_LONG_SEQUENCE = 256
-LONG_SEQUENCE = 1024
-
-_default_platform: str | None = None
+_default_capabilities: Capabilities | None = None
 _logged_choices: set[tuple[str, str, str]] = set()
 
 
-def set_default_platform(platform: str | None) -> None:
+def set_default_platform(platform: str | Capabilities | None) -> None:
     """Sets the platform used when `attention` is called without one (None clears it).
 
     Args:
-        platform: "cpu" | "gpu" | "xpu" | "tpu" (Runtime.platform), or None.
+        platform: a Capabilities (Runtime.capabilities), a target's name ("cpu" | "gpu" | "xpu" |
+            "tpu"), or None.
+
+    Raises:
+        ValueError: for an unknown name.
     """
-    global _default_platform
+    global _default_capabilities
+    _default_capabilities = None if platform is None else capabilities_for(platform)
+
+
+@contextlib.contextmanager
+def platform_default(platform: str | Capabilities | None) -> Iterator[None]:
+    """Within the block, calls without a platform use this one; the previous default comes back.
+
+    For tracing code whose attention calls pass no platform (the model) for another target than
+    the running one, e.g. planning an XPU job on a CPU machine (agpt_jax/plan.py). None keeps
+    the current default.
+    """
+    global _default_capabilities
+    previous = _default_capabilities
     if platform is not None:
-        _check_platform(platform)
-    _default_platform = platform
+        set_default_platform(platform)
+    try:
+        yield
+    finally:
+        _default_capabilities = previous
+
+
+def default_capabilities() -> Capabilities:
+    """The capabilities for calls that pass no platform: the ones set, else the runtime's.
+
+    Raises:
+        ValueError: when none was set and agpt_jax.runtime cannot provide them.
+    """
+    if _default_capabilities is not None:
+        return _default_capabilities
+    try:
+        return runtime.initialize().capabilities
+    except RuntimeError as err:
+        raise ValueError(
+            "attention: the platform is unknown; pass platform=Runtime.capabilities or call "
+            f"agpt_jax.attention.set_default_platform(...) ({err})") from err
 
 
 def default_platform() -> str:
-    """The platform for calls that pass none: the one set, else the runtime's.
-
-    Returns:
-        "cpu" | "gpu" | "xpu" | "tpu".
-
-    Raises:
-        ValueError: when none was set and agpt_jax.runtime cannot provide one.
-    """
-    if _default_platform is not None:
-        return _default_platform
-    try:
-        from agpt_jax import runtime  # pylint: disable=import-outside-toplevel
-        platform = runtime.initialize().platform
-    except (ImportError, AttributeError, RuntimeError) as err:
-        raise ValueError(
-            "attention: the platform is unknown; pass platform=Runtime.platform or call "
-            f"agpt_jax.attention.set_default_platform(...) ({err})") from err
-    _check_platform(platform)
-    return platform
+    """The name of `default_capabilities()`' platform: "cpu" | "gpu" | "xpu" | "tpu"."""
+    return default_capabilities().platform
 
 
-def _check_platform(platform: str) -> None:
-    if platform not in PLATFORMS:
-        raise ValueError(f"unknown platform {platform!r}; expected one of {PLATFORMS}")
+def _capabilities(platform: str | Capabilities | None) -> Capabilities:
+    return default_capabilities() if platform is None else capabilities_for(platform)
 
 
-def select(impl: str, platform: str, seq_len: int) -> str:
+def select(impl: str, platform: str | Capabilities, seq_len: int) -> str:
     """Resolves an implementation name; "auto" becomes a concrete one (logged once per choice).
 
-    "auto" picks "pallas" on CUDA GPUs; "blockwise" on XPU (no Pallas lowering for `sycl` at jax
-    0.5.0, spec/jax-stack.md §2), on CPU from seq_len CPU_LONG_SEQUENCE and on TPU from
-    LONG_SEQUENCE; "xla" otherwise.
+    "auto" picks the platform's `auto_attention` below its `long_sequence` and its
+    `auto_attention_long` from there on: "pallas" on CUDA GPUs; "blockwise" on XPU (no Pallas
+    lowering for `sycl` at jax 0.5.0, spec/jax-stack.md §2), on CPU from seq_len 256 and on TPU
+    from 1024; "xla" otherwise (agpt_jax/runtime/capabilities.py has the table).
 
     Args:
         impl: one of CHOICES.
-        platform: "cpu" | "gpu" | "xpu" | "tpu".
+        platform: a Capabilities, or a target's name ("cpu" | "gpu" | "xpu" | "tpu").
         seq_len: query sequence length.
 
     Returns:
@@ -99,23 +118,23 @@ def select(impl: str, platform: str, seq_len: int) -> str:
     """
     if impl not in CHOICES:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {CHOICES}")
-    _check_platform(platform)
+    caps = capabilities_for(platform)
     if impl != "auto":
         return impl
-    if platform == "gpu":
-        choice, reason = "pallas", "CUDA GPU: the Pallas flash kernel compiles with Triton"
-    elif platform == "xpu":
-        choice, reason = "blockwise", ("XPU: Pallas has no lowering for the sycl platform at "
-                                       "jax 0.5.0; blockwise is the memory-efficient path")
-    elif seq_len >= (threshold := CPU_LONG_SEQUENCE if platform == "cpu" else LONG_SEQUENCE):
-        choice, reason = "blockwise", (f"seq {seq_len} >= {threshold} on {platform}: avoid "
-                                       "materialising [seq, seq] scores")
+    threshold = caps.long_sequence
+    if seq_len >= threshold:
+        choice = caps.auto_attention_long
+        reason = caps.auto_attention_reason or (
+            f"seq {seq_len} >= {threshold} on {caps.platform}: avoid materialising [seq, seq] "
+            "scores")
     else:
-        choice, reason = "xla", f"seq {seq_len} < {threshold} on {platform}: plain attention"
-    key = (platform, choice, reason)
+        choice = caps.auto_attention
+        reason = caps.auto_attention_reason or (
+            f"seq {seq_len} < {threshold} on {caps.platform}: plain attention")
+    key = (caps.platform, choice, reason)
     if key not in _logged_choices:
         _logged_choices.add(key)
-        logging.info("attention impl=auto on %s -> %s (%s)", platform, choice, reason)
+        logging.info("attention impl=auto on %s -> %s (%s)", caps.platform, choice, reason)
     return choice
 
 
@@ -135,7 +154,7 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> None:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              impl: str = "auto", platform: str | None = None) -> jax.Array:
+              impl: str = "auto", platform: str | Capabilities | None = None) -> jax.Array:
     """Softmax attention with grouped K/V heads, scale 1/sqrt(head_dim).
 
     Args:
@@ -145,8 +164,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         v: [batch, seq, kv_heads, head_dim].
         causal: mask keys after the query position.
         impl: one of CHOICES; a static Python string.
-        platform: "cpu" | "gpu" | "xpu" | "tpu"; None uses `default_platform()`. Needed only by
-            "auto" and "pallas" (compiled on "gpu", interpret mode elsewhere).
+        platform: a Capabilities (Runtime.capabilities) or a target's name ("cpu" | "gpu" | "xpu"
+            | "tpu"); None uses `default_capabilities()`. Needed only by "auto", "blockwise" (its
+            tiles) and "pallas" (compiled where Triton lowers it, interpret mode elsewhere).
 
     Returns:
         [batch, seq, heads, head_dim] in q's dtype.
@@ -154,13 +174,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     if impl not in CHOICES:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {CHOICES}")
     if impl == "auto":
-        impl = select(impl, platform or default_platform(), q.shape[1])
+        impl = select(impl, _capabilities(platform), q.shape[1])
     _check_shapes(q, k, v, impl)
-    if impl == "xla":
+    if impl == "xla":  # needs no platform: the runtime is not asked
         return xla.attention(q, k, v, causal=causal)
+    caps = _capabilities(platform)
     if impl == "blockwise":
-        return blockwise.attention(q, k, v, causal=causal,
-                                   platform=platform or default_platform())
+        return blockwise.attention(q, k, v, causal=causal, platform=caps)
     # Triton lowers only on CUDA; elsewhere the same kernels run in interpret mode (plain HLO).
-    interpret = (platform or default_platform()) != "gpu"
-    return pallas.attention(q, k, v, causal=causal, interpret=interpret)
+    return pallas.attention(q, k, v, causal=causal, interpret=caps.pallas_interpret)

@@ -28,17 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from agpt_jax.runtime import Capabilities, capabilities_for
+
 # Finite stand-in for -inf on masked scores: exp(MASK - m) underflows to exactly 0 once a row has
 # seen one real key, and never produces inf - inf = nan (the FlashAttention kernels use the same).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-# Largest block used by `attention`: 512 on accelerators, where fewer, larger tiles mean fewer
-# kernel launches; 256 on CPU, where a [batch, kv_heads, 256 * group, 256] fp32 score tile stays
-# in the caches. Measured at bench_125m's attention shape (batch 2, seq 1024, 12/4 heads, head_dim
-# 64, bf16, forward + backward, 2 cores, thunk runtime off): 122 ms with 256, 173 ms with 128 and
-# with 512.
-DEFAULT_BLOCK = 512
-CPU_BLOCK = 256
+# The largest block `attention` uses is the platform's (Capabilities.blockwise_block: 512 on
+# accelerators, 256 on CPU; the measurements are in agpt_jax/runtime/capabilities.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,31 +56,32 @@ class BlockSizes:
             raise ValueError(f"block sizes must be positive, got {self}")
 
 
-def default_block_sizes(seq_len: int, platform: str = "xpu") -> BlockSizes:
+def default_block_sizes(seq_len: int, platform: str | Capabilities = "xpu") -> BlockSizes:
     """Block sizes for a sequence length: square tiles, one block when it fits.
 
-    On CPU a sequence is always cut into at least two blocks: with a single block XLA's CPU
-    runtime fuses the online-softmax update into the P V matmul as a oneDNN broadcast post-op
-    that runs about 80x slower (0.85 s instead of 11 ms forward + backward at seq 256, 8 / 2
-    heads, head_dim 128).
+    Where the platform asks for it (``blockwise_split_single_block``: CPU) a sequence is always
+    cut into at least two blocks: with a single block XLA's CPU runtime fuses the online-softmax
+    update into the P V matmul as a oneDNN broadcast post-op that runs about 80x slower (0.85 s
+    instead of 11 ms forward + backward at seq 256, 8 / 2 heads, head_dim 128).
 
     Args:
         seq_len: the sequence length of q and k.
-        platform: "cpu" picks CPU_BLOCK, anything else DEFAULT_BLOCK.
+        platform: a Capabilities or a target's name ("cpu" | "gpu" | "xpu" | "tpu"): its
+            ``blockwise_block`` is the largest block (256 on CPU, 512 elsewhere).
 
     Returns:
         BlockSizes with block_q == block_k == min(block, seq_len rounded up to a multiple of 8),
-        halved on CPU when that would be a single block.
+        halved (on CPU) when that would be a single block.
     """
-    largest = CPU_BLOCK if platform == "cpu" else DEFAULT_BLOCK
-    block = min(largest, -(-seq_len // 8) * 8)
-    if platform == "cpu" and block >= seq_len and seq_len > 8:
+    caps = capabilities_for(platform)
+    block = min(caps.blockwise_block, -(-seq_len // 8) * 8)
+    if caps.blockwise_split_single_block and block >= seq_len and seq_len > 8:
         block = -(-seq_len // 16) * 8
     return BlockSizes(block, block)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              platform: str = "xpu") -> jax.Array:
+              platform: str | Capabilities = "xpu") -> jax.Array:
     """Blockwise softmax attention with grouped K/V heads, blocks chosen from the shape.
 
     Args:
@@ -91,7 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         k: [batch, seq, kv_heads, head_dim]; heads must be a multiple of kv_heads.
         v: [batch, seq, kv_heads, head_dim].
         causal: mask keys after the query position (blocks above the diagonal are skipped).
-        platform: "cpu" | "gpu" | "xpu" | "tpu": picks the tile size (`default_block_sizes`).
+        platform: a Capabilities or a target's name ("cpu" | "gpu" | "xpu" | "tpu"): picks the
+            tile size (`default_block_sizes`).
 
     Returns:
         [batch, seq, heads, head_dim] in q's dtype; scale 1/sqrt(head_dim), fp32 softmax statistics.

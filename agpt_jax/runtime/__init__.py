@@ -2,10 +2,12 @@
 
 The one package that reads the backend, the device platform or the Intel XPU plugin, sets flags
 that must precede the backend's start, and calls ``jax.distributed.initialize``. Everything else
-asks the :class:`Runtime` that :func:`initialize` returns (DESIGN.md, "One place for platform").
-It is also the only package with ``jax._src`` imports (all in :mod:`agpt_jax.runtime.platform`):
-the work-arounds for the Intel plugin's ``sycl`` platform at jax 0.5.0 (spec/jax-stack.md
-section 3) live there and nowhere else.
+asks the :class:`Runtime` that :func:`initialize` returns (DESIGN.md, "One place for platform"),
+and what a platform can do is its :class:`Capabilities` (``Runtime.capabilities``, or
+:func:`capabilities_for` for a named target without starting jax): no module outside this package
+compares platform names. It is also the only package with ``jax._src`` imports (all in
+:mod:`agpt_jax.runtime.platform`): the work-arounds for the Intel plugin's ``sycl`` platform at
+jax 0.5.0 (spec/jax-stack.md section 3) live there and nowhere else.
 
 Modules, one job each (a module imports only those above it in this list):
 
@@ -13,6 +15,9 @@ Modules, one job each (a module imports only those above it in this list):
   :func:`parse_mesh`, :func:`make_mesh`);
 - :mod:`agpt_jax.runtime.launch`: launcher detection (:class:`DistributedConfig`,
   :func:`distributed_from_env`, :func:`target_world_size`);
+- :mod:`agpt_jax.runtime.capabilities`: the platform table (:class:`Capabilities`,
+  :func:`capabilities_for`, :data:`TARGET_PLATFORMS`) and jax's backend names
+  (:func:`platform_of_backend`, :func:`plugin_for_backend`);
 - :mod:`agpt_jax.runtime.platform`: :class:`Runtime`, :func:`initialize` and the platform
   work-arounds (:func:`apply_cpu_xla_flags`, ...);
 - :mod:`agpt_jax.runtime.check`: the environment check and the command lines' exit codes.
@@ -35,6 +40,13 @@ import sys
 import types
 
 from agpt_jax.runtime import platform as _platform
+from agpt_jax.runtime.capabilities import (
+    TARGET_PLATFORMS,
+    Capabilities,
+    capabilities_for,
+    platform_of_backend,
+    plugin_for_backend,
+)
 from agpt_jax.runtime.check import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -69,11 +81,12 @@ from agpt_jax.runtime.platform import (
 
 __all__ = [
     "CPU_XLA_FLAGS", "DEFAULT_DEVICES_PER_HOST", "EXIT_FAILED", "EXIT_USAGE", "MESH_AXES",
-    "PLATFORMS", "CheckResult", "DistributedConfig", "MeshConfig", "Runtime", "apply_cpu_xla_flags",
-    "attention_probe_hlo", "check_all_reduce", "check_fused_attention", "check_report",
-    "current_runtime", "distributed_from_env", "format_report", "fused_attention_targets",
-    "initialize", "make_mesh", "package_versions", "parse_flags_exit_usage", "parse_mesh",
-    "run_checks", "target_world_size",
+    "PLATFORMS", "TARGET_PLATFORMS", "Capabilities", "CheckResult", "DistributedConfig",
+    "MeshConfig", "Runtime", "apply_cpu_xla_flags", "attention_probe_hlo", "capabilities_for",
+    "check_all_reduce", "check_fused_attention", "check_report", "current_runtime",
+    "distributed_from_env", "format_report", "fused_attention_targets", "initialize", "make_mesh",
+    "package_versions", "parse_flags_exit_usage", "parse_mesh", "platform_of_backend",
+    "plugin_for_backend", "run_checks", "target_world_size",
 ]
 
 

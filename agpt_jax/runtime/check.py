@@ -146,6 +146,13 @@ def run_checks(rt: Runtime) -> list[CheckResult]:
     return results
 
 
+# The Runtime's entries of the report, in this order: its fields and the capabilities it has always
+# reported (the whole Capabilities stays out, so the report is what it was).
+_REPORTED_RUNTIME = ("platform", "process_index", "process_count", "local_device_count",
+                     "device_count", "workarounds", "default_attention", "supports_donation",
+                     "supports_host_callbacks", "device_kind", "jax_platform")
+
+
 def check_report(rt: Runtime) -> dict[str, object]:
     """The ``--check`` report as a JSON-serialisable dict (``"ok"``: every check passed)."""
     checks = run_checks(rt)
@@ -155,7 +162,7 @@ def check_report(rt: Runtime) -> dict[str, object]:
         "xpu_plugins": [f"{p.name} {xpu.version(p.name)} ({p.stack})" for p in plugins],
         "xpu_install": None if plugins else xpu.missing_message(compat.STACK),
         "versions": package_versions(),
-        "runtime": dataclasses.asdict(rt),
+        "runtime": {name: getattr(rt, name) for name in _REPORTED_RUNTIME},
         "local_devices": [str(d) for d in jax.local_devices()],
         "checks": [dataclasses.asdict(c) for c in checks],
         "ok": all(c.ok for c in checks),

@@ -10,9 +10,13 @@ with ``jax._src`` imports: the work-arounds for the Intel plugin's ``sycl`` plat
 The process's state is this module's global ``_runtime`` (None until :func:`initialize`
 returns); ``agpt_jax.runtime._runtime`` reads and writes the same variable.
 
-Imports: jax, absl, agpt_jax.compat / hostmem / xpu and :mod:`agpt_jax.runtime.launch`. It must
-not import :mod:`~agpt_jax.runtime.check` (which imports it), nor agpt_jax.loop, train, model,
-config or converters.
+What the platform can do is a :class:`~agpt_jax.runtime.capabilities.Capabilities`, resolved here
+once, before anything is jitted (``Runtime.capabilities``); the table of them is in
+:mod:`agpt_jax.runtime.capabilities`.
+
+Imports: jax, absl, agpt_jax.compat / hostmem / xpu, :mod:`agpt_jax.runtime.launch` and
+:mod:`agpt_jax.runtime.capabilities`. It must not import :mod:`~agpt_jax.runtime.check` (which
+imports it), nor agpt_jax.loop, train, model, config or converters.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ import jax
 from absl import logging
 
 from agpt_jax import compat, hostmem, xpu
+# From the module itself, not the package (which imports this module).
+from agpt_jax.runtime.capabilities import (
+    Capabilities,
+    capabilities_for,
+    for_backend,
+    platform_of_backend,
+)
 from agpt_jax.runtime.launch import DistributedConfig, _complete_distributed
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -38,11 +50,9 @@ class Runtime:
         local_device_count: devices this process drives.
         device_count: devices across all processes.
         workarounds: what was applied at start-up, human readable.
-        default_attention: the attention implementation to use by default: ``"pallas"`` on CUDA,
-            ``"blockwise"`` on XPU, ``"xla"`` elsewhere.
-        supports_donation: whether ``donate_argnums`` really frees the donated buffers.
-        supports_host_callbacks: whether ``jax.debug.print`` / ``pure_callback`` / ``io_callback``
-            may be used inside jit.
+        capabilities: what the platform can do (attention choice and tiles, peak FLOP/s, copy
+            before an asynchronous save, XLA flags, donation, host callbacks): what code outside
+            the runtime asks instead of comparing ``platform``.
         device_kind: the first local device's kind (e.g. ``"cpu"``, ``"Intel(R) Data Center GPU
             Max 1550"``), for peak-FLOP tables.
         jax_platform: jax's own name of the backend (``"cpu"``, ``"sycl"``, ``"cuda"``, ...).
@@ -54,11 +64,25 @@ class Runtime:
     local_device_count: int
     device_count: int
     workarounds: tuple[str, ...]
-    default_attention: str
-    supports_donation: bool
-    supports_host_callbacks: bool
+    capabilities: Capabilities
     device_kind: str = ""
     jax_platform: str = ""
+
+    @property
+    def default_attention(self) -> str:
+        """``capabilities.default_attention``: ``"pallas"`` on CUDA, ``"blockwise"`` on XPU,
+        ``"xla"`` elsewhere."""
+        return self.capabilities.default_attention
+
+    @property
+    def supports_donation(self) -> bool:
+        """``capabilities.supports_donation``: ``donate_argnums`` really frees the buffers."""
+        return self.capabilities.supports_donation
+
+    @property
+    def supports_host_callbacks(self) -> bool:
+        """``capabilities.supports_host_callbacks``: host callbacks may be used inside jit."""
+        return self.capabilities.supports_host_callbacks
 
     @property
     def is_main_process(self) -> bool:
@@ -76,11 +100,6 @@ class Runtime:
 
 
 PLATFORMS: tuple[str, ...] = ("auto", "xpu", "cpu")
-
-# jax's backend names -> ours. Intel's plugins register "sycl" (the extension) and "oneapi" (the
-# upstream plugin); agpt_jax/xpu.py has what each wheel registers.
-_PLATFORM_NAMES = {"cpu": "cpu", "sycl": "xpu", "oneapi": "xpu", "cuda": "gpu", "rocm": "gpu",
-                   "gpu": "gpu", "tpu": "tpu"}
 
 _runtime: Runtime | None = None
 
@@ -151,17 +170,11 @@ def _enable_sycl_donation(jax_platform: str = "sycl") -> str | None:
             "mlir._platforms_with_donation)")
 
 
-# XLA flags for the CPU client, added to XLA_FLAGS before jax's backends start unless the user
-# already set the same flag. At jax 0.5.0 the default "thunk" runtime runs bf16 matmuls through
-# Eigen at 172 GFLOP/s on the 2-core reference machine; the previous runtime rewrites them to
-# oneDNN calls at 563 GFLOP/s, and bench_125m's bf16 train step runs twice as fast
-# (benchmarks/train_step.py, BENCHMARKS.md). The flags only concern the CPU client, so they are
-# harmless next to an accelerator. Single-process runs only: under that runtime a failed gloo
-# collective is a fatal check in XLA (cpu_runtime.cc aborts the process) where the default runtime
-# raises an error the driver reports, so multi-process CPU jobs keep the default runtime.
-# From jax 0.6 XLA no longer has that runtime (jax 0.11 logs '"xla_cpu_use_thunk_runtime" is no
-# longer supported'), so compat.CPU_XLA_FLAGS is empty there.
-CPU_XLA_FLAGS: tuple[str, ...] = compat.CPU_XLA_FLAGS
+# XLA flags for the CPU client, added to XLA_FLAGS before jax's backends start (why, and why in
+# single-process runs only: agpt_jax/runtime/capabilities.py). A CPU client exists next to every
+# accelerator, and which platform "auto" starts is unknown before the start, so they are added
+# whatever the platform.
+CPU_XLA_FLAGS: tuple[str, ...] = capabilities_for("cpu").xla_flags
 
 
 def apply_cpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]:
@@ -182,15 +195,6 @@ def apply_cpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[
     if added:
         environ["XLA_FLAGS"] = " ".join(current + added)
     return added
-
-
-def _default_attention(platform: str, jax_platform: str) -> str:
-    """Pallas flash attention needs Triton on CUDA; XPU has no Pallas lowering at jax 0.5.0."""
-    if platform == "gpu" and jax_platform == "cuda":
-        return "pallas"
-    if platform == "xpu":
-        return "blockwise"
-    return "xla"
 
 
 def initialize(
@@ -280,9 +284,8 @@ def initialize(
                     "'Jax plugin configuration error' above): load the oneAPI runtime it was built "
                     "for (on Aurora: module load frameworks or oneapi), or see docs/xpu.md")
         raise RuntimeError(f"jax could not start platform {platform!r}: {err}{hint}") from err
-    plugin = xpu.for_jax_platform(jax_platform, _platform_version())
     # jax 0.11 may report the oneapi backend as "gpu" (an alias); the plugin decides, not the name.
-    ours = "xpu" if plugin is not None else _PLATFORM_NAMES.get(jax_platform, jax_platform)
+    ours, plugin = platform_of_backend(jax_platform, _platform_version())
     if platform != "auto" and ours != platform:
         raise RuntimeError(
             f"platform={platform!r} was requested but jax runs on {jax_platform!r}; jax had "
@@ -317,9 +320,8 @@ def initialize(
         local_device_count=len(local),
         device_count=jax.device_count(),
         workarounds=tuple(workarounds),
-        default_attention=_default_attention(ours, jax_platform),
-        supports_donation=supports_donation,
-        supports_host_callbacks=supports_callbacks,
+        capabilities=for_backend(ours, jax_platform, supports_donation=supports_donation,
+                                 supports_host_callbacks=supports_callbacks),
         device_kind=local[0].device_kind,
         jax_platform=jax_platform,
     )

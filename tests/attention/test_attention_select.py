@@ -1,4 +1,5 @@
-"""The entry point: implementation choice per platform, platform default, input errors, memory."""
+"""The entry point: implementation choice per platform's capabilities, platform default, input
+errors, memory, tile sizes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import jax.numpy as jnp
 import pytest
 
 from agpt_jax import attention as attention_lib
+from agpt_jax import runtime
+from agpt_jax.attention import blockwise
+
+CPU_LONG_SEQUENCE = runtime.capabilities_for("cpu").long_sequence
+LONG_SEQUENCE = runtime.capabilities_for("tpu").long_sequence
 
 
 @pytest.fixture(autouse=True)
@@ -14,7 +20,7 @@ def fresh_choice_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Each test starts with no choice logged and no default platform; returns the log calls."""
     calls: list[tuple] = []
     monkeypatch.setattr(attention_lib, "_logged_choices", set())
-    monkeypatch.setattr(attention_lib, "_default_platform", None)
+    monkeypatch.setattr(attention_lib, "_default_capabilities", None)
     monkeypatch.setattr(attention_lib.logging, "info", lambda *args: calls.append(args))
     return calls
 
@@ -25,19 +31,23 @@ def fresh_choice_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     ("xpu", 128, "blockwise"),
     ("xpu", 4096, "blockwise"),
     ("cpu", 128, "xla"),
-    ("cpu", attention_lib.CPU_LONG_SEQUENCE - 1, "xla"),
-    ("cpu", attention_lib.CPU_LONG_SEQUENCE, "blockwise"),
+    ("cpu", CPU_LONG_SEQUENCE - 1, "xla"),
+    ("cpu", CPU_LONG_SEQUENCE, "blockwise"),
     ("cpu", 4096, "blockwise"),
     ("tpu", 512, "xla"),
-    ("tpu", attention_lib.LONG_SEQUENCE, "blockwise"),
+    ("tpu", LONG_SEQUENCE, "blockwise"),
     ("tpu", 8192, "blockwise"),
 ])
 def test_auto_choice(platform: str, seq_len: int, expected: str) -> None:
+    assert (CPU_LONG_SEQUENCE, LONG_SEQUENCE) == (256, 1024)  # the measured thresholds
     assert attention_lib.select("auto", platform, seq_len) == expected
+    # A name and its capabilities choose alike.
+    caps = runtime.capabilities_for(platform)
+    assert attention_lib.select("auto", caps, seq_len) == expected
 
 
 @pytest.mark.parametrize("impl", attention_lib.IMPLEMENTATIONS)
-@pytest.mark.parametrize("platform", attention_lib.PLATFORMS)
+@pytest.mark.parametrize("platform", runtime.TARGET_PLATFORMS)
 def test_explicit_choice_is_kept(impl: str, platform: str) -> None:
     assert attention_lib.select(impl, platform, 4096) == impl
 
@@ -91,7 +101,7 @@ def test_platform_default_drives_auto_and_pallas_interpret(monkeypatch: pytest.M
     attention_lib.attention(q, k, v, impl="pallas")
     attention_lib.attention(q, k, v, impl="auto", platform="gpu")
     attention_lib.attention(q, k, v, impl="auto", platform="cpu")
-    assert calls == [("blockwise", {"causal": True, "platform": "xpu"}),
+    assert calls == [("blockwise", {"causal": True, "platform": runtime.capabilities_for("xpu")}),
                      ("pallas", {"causal": True, "interpret": True}),
                      ("pallas", {"causal": True, "interpret": False}),
                      ("xla", {"causal": True})]
@@ -100,6 +110,50 @@ def test_platform_default_drives_auto_and_pallas_interpret(monkeypatch: pytest.M
 def test_platform_falls_back_to_the_runtime() -> None:
     """Without a default, the runtime (idempotent initialize) names the platform: cpu here."""
     assert attention_lib.default_platform() == "cpu"
+    assert attention_lib.default_capabilities() is runtime.initialize().capabilities
+
+
+def test_platform_default_block_restores_the_previous_default(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """plan.py traces an XPU job's model on CPU inside `platform_default("xpu")`."""
+    calls = _record_calls(monkeypatch)
+    q, k, v = _inputs()
+    attention_lib.set_default_platform("cpu")
+    with attention_lib.platform_default("xpu"):
+        assert attention_lib.default_platform() == "xpu"
+        attention_lib.attention(q, k, v, impl="auto")
+    assert attention_lib.default_platform() == "cpu"
+    with attention_lib.platform_default(None):  # None keeps the default
+        assert attention_lib.default_platform() == "cpu"
+    with pytest.raises(ZeroDivisionError), attention_lib.platform_default("xpu"):
+        1 / 0
+    assert attention_lib.default_platform() == "cpu"
+    assert calls == [("blockwise", {"causal": True, "platform": runtime.capabilities_for("xpu")})]
+
+
+def test_xla_needs_no_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """impl="xla" never asks for the platform, so it never starts the runtime."""
+    def no_runtime(*args, **kwargs):
+        raise AssertionError("the runtime was asked")
+
+    monkeypatch.setattr(runtime, "initialize", no_runtime)
+    q, k, v = _inputs()
+    assert attention_lib.attention(q, k, v, impl="xla").shape == q.shape
+    with pytest.raises(AssertionError, match="runtime was asked"):
+        attention_lib.attention(q, k, v, impl="blockwise")
+
+
+@pytest.mark.parametrize("platform, seq_len, block", [
+    # The largest tile is the platform's: 256 on CPU, 512 elsewhere; rounded up to 8.
+    ("xpu", 4096, 512), ("gpu", 4096, 512), ("tpu", 4096, 512), ("cpu", 4096, 256),
+    ("xpu", 100, 104), ("xpu", 512, 512),
+    # On CPU a sequence that would be one tile is cut into two (a oneDNN post-op 80x slower).
+    ("cpu", 256, 128), ("cpu", 100, 56), ("cpu", 8, 8), ("cpu", 300, 256),
+])
+def test_blockwise_tiles_follow_the_capabilities(platform: str, seq_len: int, block: int) -> None:
+    expected = blockwise.BlockSizes(block, block)
+    assert blockwise.default_block_sizes(seq_len, platform) == expected
+    assert blockwise.default_block_sizes(seq_len, runtime.capabilities_for(platform)) == expected
 
 
 @pytest.mark.parametrize("impl", attention_lib.IMPLEMENTATIONS)
