@@ -10,7 +10,7 @@ backend's own fusion and layout choices, but the state part is exact and the act
 
 A -1 size in `--mesh` (the default `fsdp=-1`) fills `--devices`; without `--devices` it resolves
 on the fewest devices the other sizes allow (1 for the default), and the table says so. The
-other flags: `--grad_accum`, `--remat`, `--attention`, `--compute_dtype`, `--strategy`,
+other flags: `--grad_acc_steps`, `--remat`, `--attention`, `--compute_dtype`, `--strategy`,
 `--device_memory_gb` (the budget checked against, default 64) and `--json`.
 
 `--target` names the platform whose capabilities shape the lowered step (the attention that
@@ -41,7 +41,7 @@ _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "mesh sizes, e.g. data=3,fsdp=4,t
 _DEVICES = flags.DEFINE_integer("devices", None, "simulated devices (default: the mesh product)")
 _SEQ = flags.DEFINE_integer("seq", None, "sequence length (default: the preset's)")
 _MICRO = flags.DEFINE_integer("micro_batch", 1, "sequences per data-parallel device per micro-step")
-_ACCUM = flags.DEFINE_integer("grad_accum", 1, "micro-steps per optimizer update")
+_GRAD_ACC = flags.DEFINE_integer("grad_acc_steps", 1, "micro-steps per optimizer update")
 _REMAT = flags.DEFINE_string("remat", None, "remat policy (default: the preset's)")
 _ATTENTION = flags.DEFINE_string("attention", None, "attention implementation")
 _DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "compute dtype")
@@ -62,7 +62,7 @@ class Plan:
     params: int
     seq_length: int
     global_batch_size: int
-    grad_accum_steps: int
+    grad_acc_steps: int
     remat: str
     attention: str
     compute_dtype: str
@@ -102,7 +102,7 @@ def _mesh_from_flags(devices: int | None) -> tuple[runtime.MeshConfig, int, str]
 
 
 def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
-              micro_batch: int, grad_accum: int, remat: str | None, attention: str | None,
+              micro_batch: int, grad_acc_steps: int, remat: str | None, attention: str | None,
               compute_dtype: str, strategy: str, device_memory_gb: float,
               target: str | runtime.Capabilities | None = None) -> Plan:
     """Compile the train step for the current devices and read XLA's memory and cost analysis.
@@ -126,12 +126,13 @@ def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
     cfg = cfg.replace(**changes)
     mesh = runtime.make_mesh(mesh_cfg)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    gbs = micro_batch * dp * grad_accum
+    gbs = micro_batch * dp * grad_acc_steps
     schedule = schedules.make_schedule(
         schedules.ScheduleConfig(train_iters=1000, global_batch_size=gbs))
     with attention_lib.platform_default(target):  # what the model's attention calls trace with
         trainer = train.build_trainer(cfg, optim.OptimConfig(), schedule,
-                                      train.StepConfig(gbs, grad_accum), mesh, strategy=strategy)
+                                      train.StepConfig(gbs, grad_acc_steps), mesh,
+                                      strategy=strategy)
         start = time.perf_counter()
         compiled = trainer.step.lower(
             trainer.abstract_state,
@@ -147,7 +148,7 @@ def make_plan(model_name: str, mesh_cfg: runtime.MeshConfig, *, seq: int | None,
     return Plan(
         model=model_name, mesh=dict(mesh.shape), devices=mesh.devices.size,
         params=cfg.num_params(), seq_length=cfg.seq_length, global_batch_size=gbs,
-        grad_accum_steps=grad_accum, remat=cfg.remat, attention=cfg.attention,
+        grad_acc_steps=grad_acc_steps, remat=cfg.remat, attention=cfg.attention,
         compute_dtype=cfg.compute_dtype, strategy=strategy,
         argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
@@ -165,7 +166,7 @@ def format_plan(p: Plan) -> str:
         f"{p.compute_dtype}, remat {p.remat}, attention {p.attention})",
         f"mesh               {mesh} ({p.devices} device{'s' if p.devices > 1 else ''}, "
         f"strategy {p.strategy}{'; ' + p.mesh_note if p.mesh_note else ''})",
-        f"global batch       {p.global_batch_size} sequences ({p.grad_accum_steps} micro-steps)",
+        f"global batch       {p.global_batch_size} sequences ({p.grad_acc_steps} micro-steps)",
         f"arguments          {gb(p.argument_bytes)} per device (params, optimizer state, batch)",
         f"temporaries        {gb(p.temp_bytes)} per device (activations, gradients, workspace)",
         f"outputs            {gb(p.output_bytes)} per device ({gb(p.alias_bytes).strip()} aliased "
@@ -190,7 +191,8 @@ def main(argv: Sequence[str]) -> int:
         mesh_cfg, devices, note = _mesh_from_flags(_DEVICES.value)
         runtime.initialize("cpu", num_cpu_devices=devices)
         plan = make_plan(_MODEL.value, mesh_cfg, seq=_SEQ.value, micro_batch=_MICRO.value,
-                         grad_accum=_ACCUM.value, remat=_REMAT.value, attention=_ATTENTION.value,
+                         grad_acc_steps=_GRAD_ACC.value, remat=_REMAT.value,
+                         attention=_ATTENTION.value,
                          compute_dtype=_DTYPE.value, strategy=_STRATEGY.value,
                          device_memory_gb=_BUDGET.value, target=_TARGET.value)
     except ValueError as e:

@@ -52,24 +52,24 @@ class StepConfig:
 
     Attributes:
         global_batch_size: sequences per optimizer update (Megatron's --global-batch-size).
-        grad_accum_steps: micro-batches per update; each micro-batch holds
-            global_batch_size // grad_accum_steps sequences spread over every data-parallel rank.
+        grad_acc_steps: micro-batches per update; each micro-batch holds
+            global_batch_size // grad_acc_steps sequences spread over every data-parallel rank.
     """
 
     global_batch_size: int
-    grad_accum_steps: int = 1
+    grad_acc_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.global_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError(f"global_batch_size={self.global_batch_size} and grad_accum_steps="
-                             f"{self.grad_accum_steps} must be positive")
-        if self.global_batch_size % self.grad_accum_steps:
+        if self.global_batch_size < 1 or self.grad_acc_steps < 1:
+            raise ValueError(f"global_batch_size={self.global_batch_size} and grad_acc_steps="
+                             f"{self.grad_acc_steps} must be positive")
+        if self.global_batch_size % self.grad_acc_steps:
             raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
-                             f"grad_accum_steps={self.grad_accum_steps}")
+                             f"grad_acc_steps={self.grad_acc_steps}")
 
     @property
     def micro_batch_rows(self) -> int:
-        return self.global_batch_size // self.grad_accum_steps
+        return self.global_batch_size // self.grad_acc_steps
 
 
 def _split_micro_batches(x: jax.Array, n: int) -> jax.Array:
@@ -117,7 +117,7 @@ def train_step(state: TrainState, batch: Batch, *, model: model_lib.GPT,
         skipped (1 when the update was not applied because loss or grad norm was not finite),
         sequence_loss ([global_batch] fp32, for per-corpus losses on the host).
     """
-    n = step_cfg.grad_accum_steps
+    n = step_cfg.grad_acc_steps
     with mesh, nn.logical_axis_rules(rules):
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
         tokens = jax.lax.with_sharding_constraint(_split_micro_batches(batch["tokens"], n),
@@ -233,9 +233,9 @@ def build_trainer(model_cfg: model_lib.GPTConfig, optim_cfg: optim.OptimConfig,
     if step_cfg.micro_batch_rows % dp:
         raise ValueError(
             f"a micro-batch of {step_cfg.micro_batch_rows} sequences (global batch "
-            f"{step_cfg.global_batch_size} / {step_cfg.grad_accum_steps} accumulation steps) cannot "
+            f"{step_cfg.global_batch_size} / {step_cfg.grad_acc_steps} accumulation steps) cannot "
             f"be split over {dp} data-parallel devices (data x fsdp); make global_batch_size a "
-            f"multiple of micro_batch x grad_accum_steps x {dp}")
+            f"multiple of micro_batch x grad_acc_steps x {dp}")
     model = model_lib.GPT(model_cfg)
     tx = optim.make_optimizer(optim_cfg, schedule)
 

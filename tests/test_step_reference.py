@@ -3,7 +3,7 @@
 The reference is written here in torch (fp32, CPU) from spec/megatron-deepspeed.md §2.1-2.4: HF
 transformers' LlamaForCausalLM over the padded vocabulary (the padded rows take part in the
 softmax), per micro-batch loss ``sum(CE) / num_tokens`` on fp32 logits, DeepSpeed's backward of
-``loss / grad_accum`` accumulated over the micro-batches, DeepSpeed's global-norm clipping,
+``loss / grad_acc_steps`` accumulated over the micro-batches, DeepSpeed's global-norm clipping,
 ``torch.optim.AdamW`` with Megatron's parameter groups (weight decay on the 2-D weights only), and
 Megatron's warmup + cosine LR computed from its formula for each iteration. Only the initial weight
 copy agpt-jax -> HF uses agpt-jax code (``converters.orbax_to_hf.hf_tensors``, checked against HF
@@ -97,7 +97,7 @@ def _torch_model(hf_weights: dict[str, np.ndarray]):
     return model.train()
 
 
-def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip_grad: float):
+def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_acc_steps: int, clip_grad: float):
     """Megatron-DeepSpeed iterations in torch; per step: loss, grad norm, lr, params, moments."""
     torch.manual_seed(0)
     model = _torch_model(hf_weights)
@@ -110,7 +110,7 @@ def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip
         [{"params": decay, "weight_decay": WEIGHT_DECAY},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=0.0, betas=(BETA1, BETA2), eps=EPS, foreach=False, fused=False)
-    rows = GBS // grad_accum
+    rows = GBS // grad_acc_steps
     history = []
     for k, batch in enumerate(batches, start=1):
         lr = _megatron_lr((k - 1) * GBS)  # iteration k runs at num_steps = (k - 1) * GBS
@@ -118,7 +118,7 @@ def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         losses = []
-        for m in range(grad_accum):  # Megatron's micro-batches: consecutive rows of the batch
+        for m in range(grad_acc_steps):  # Megatron's micro-batches: consecutive rows of the batch
             tokens = torch.from_numpy(batch["tokens"][m * rows:(m + 1) * rows].astype(np.int64))
             labels = torch.from_numpy(batch["labels"][m * rows:(m + 1) * rows].astype(np.int64))
             logits = model(input_ids=tokens).logits.float()
@@ -126,7 +126,7 @@ def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip
             ce = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
             loss = ce.sum() / labels.numel()  # loss mask all ones
-            (loss / grad_accum).backward()  # DeepSpeed scales by 1/gradient_accumulation_steps
+            (loss / grad_acc_steps).backward()  # DeepSpeed scales by 1/gradient_accumulation_steps
             losses.append(loss.item())
         grads = [p.grad for p in named.values()]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -151,7 +151,7 @@ def _torch_run(hf_weights: dict[str, np.ndarray], batches, grad_accum: int, clip
 # ------------------------------------------------------------------------------- agpt-jax
 
 
-def _trainer(grad_accum: int, clip_grad: float) -> train.CompiledTrainer:
+def _trainer(grad_acc_steps: int, clip_grad: float) -> train.CompiledTrainer:
     schedule = schedules.make_schedule(schedules.ScheduleConfig(
         style="cosine", max_lr=MAX_LR, min_lr=MIN_LR, train_iters=TRAIN_ITERS,
         warmup_iters=WARMUP_ITERS, global_batch_size=GBS))
@@ -159,7 +159,7 @@ def _trainer(grad_accum: int, clip_grad: float) -> train.CompiledTrainer:
                                   clip_grad=clip_grad)
     mesh = runtime.make_mesh(runtime.MeshConfig(data=1, fsdp=1, tensor=1),
                              devices=jax.devices()[:1])
-    return train.build_trainer(CFG, optim_cfg, schedule, train.StepConfig(GBS, grad_accum), mesh)
+    return train.build_trainer(CFG, optim_cfg, schedule, train.StepConfig(GBS, grad_acc_steps), mesh)
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,9 @@ def initial_state() -> train.TrainState:
     return jax.tree.map(host, state)
 
 
-def _jax_run(grad_accum: int, clip_grad: float, host_state: train.TrainState, batches):
+def _jax_run(grad_acc_steps: int, clip_grad: float, host_state: train.TrainState, batches):
     """build_trainer's compiled steps on one device from host_state; results after each step."""
-    trainer = _trainer(grad_accum, clip_grad)
+    trainer = _trainer(grad_acc_steps, clip_grad)
     state = jax.device_put(host_state, trainer.state_shardings)  # the steps donate this copy
     history = []
     for batch in batches:
@@ -205,13 +205,13 @@ def _assert_close(name: str, actual: np.ndarray, expected: np.ndarray, rtol: flo
 
 
 @pytest.mark.parametrize("clip_grad", [CLIP_INACTIVE, CLIP_ACTIVE], ids=["no_clip", "clip"])
-@pytest.mark.parametrize("grad_accum", [1, 3])
-def test_train_steps_match_torch_megatron_reference(initial_state, grad_accum: int,
+@pytest.mark.parametrize("grad_acc_steps", [1, 3])
+def test_train_steps_match_torch_megatron_reference(initial_state, grad_acc_steps: int,
                                                     clip_grad: float):
     """Loss, grad norm, LR, params and Adam moments after each step equal the torch reference."""
     batches = _batches()
-    want = _torch_run(_by_hf_name(initial_state.params), batches, grad_accum, clip_grad)
-    got = _jax_run(grad_accum, clip_grad, initial_state, batches)
+    want = _torch_run(_by_hf_name(initial_state.params), batches, grad_acc_steps, clip_grad)
+    got = _jax_run(grad_acc_steps, clip_grad, initial_state, batches)
 
     lrs = [_megatron_lr(k * GBS) for k in range(STEPS)]
     assert lrs[0] == 0.0 and len(set(lrs)) == STEPS  # warmup from 0, a different LR every step

@@ -32,10 +32,10 @@ def _batches(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _run(mesh_cfg: runtime.MeshConfig, steps: int = 3, grad_accum: int = 2,
+def _run(mesh_cfg: runtime.MeshConfig, steps: int = 3, grad_acc_steps: int = 2,
          strategy: str = "fsdp", devices=None):
     mesh = runtime.make_mesh(mesh_cfg, devices=devices)
-    trainer = train.build_trainer(CFG, OPTIM, SCHEDULE, train.StepConfig(GBS, grad_accum), mesh,
+    trainer = train.build_trainer(CFG, OPTIM, SCHEDULE, train.StepConfig(GBS, grad_acc_steps), mesh,
                                   strategy=strategy)
     state = trainer.init(jax.random.PRNGKey(0))
     losses = []
@@ -79,7 +79,7 @@ def test_params_are_actually_sharded():
 
 def test_gradient_accumulation_does_not_change_the_update(single_device_run):
     ref_losses, ref_params, _ = single_device_run
-    losses, params, _ = _run(runtime.MeshConfig(data=1, fsdp=1, tensor=1), grad_accum=4,
+    losses, params, _ = _run(runtime.MeshConfig(data=1, fsdp=1, tensor=1), grad_acc_steps=4,
                              devices=jax.devices()[:1])
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
@@ -165,7 +165,7 @@ def test_fsdp_step_gathers_weights_not_activations():
 
 
 def test_batch_arithmetic_errors_are_clear():
-    with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
+    with pytest.raises(ValueError, match="not divisible by grad_acc_steps"):
         train.StepConfig(10, 4)
     mesh = runtime.make_mesh(runtime.MeshConfig(data=1, fsdp=8, tensor=1))
     with pytest.raises(ValueError, match="cannot be split over 8 data-parallel devices"):
