@@ -19,6 +19,9 @@ Parameter tree (plain nested dict after `nn.unbox`; `L` = layers, stacked by `nn
     layers/mlp/down        [L, F, H]           (layers, mlp, embed)
     final_norm/scale       [H]                 (norm,)
     lm_head/kernel         [H, V_pad]          (embed, vocab)
+
+Over 400 lines on purpose: one Llama block's modules (norm, rotary, attention, MLP) and GPTConfig
+with its presets, each citing the Megatron layout it matches; they change together.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ directly (the tests check them against those optax recipes where they apply).
 Every ``--lr-decay-style`` is one row of :data:`DECAY_STYLES` (its curve after the warmup, its
 own flags' checks, whether it takes the constant-plus-cooldown flag); WSD's anneal shapes are the
 rows of :data:`WSD_ANNEALS`. Validation and evaluation both read those tables.
+
+Over 400 lines on purpose: the seven Megatron decay styles and WSD's anneals, each row of the
+table next to the spec section and Megatron source it reproduces; split, a row would leave its
+formula's citation behind.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ inert :class:`PickledObject` records. No pickled code ever runs and torch is nev
 :func:`save` writes the same archive from numpy arrays, plain containers, ``argparse.Namespace``
 and :class:`TorchSize`, with the records torch.save writes (data/ storages 64-byte aligned), so
 ``torch.load`` (``weights_only=True`` included) reads it as if torch had written it.
+
+Over 400 lines on purpose: one file format, torch's zip + pickle archive, read and written without
+torch (the restricted unpickler, storages, the writer); its halves share the record types.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ The CPT runs read the universal checkpoints directly (scripts/cpt.py converts a 
 once into SAVE/converted_init/). Everything lands under --out (corpora/, tokenizer/, data/,
 lists/, runs/, megatron/, hf/, eval/, cpt_runs.png, pretrain_runs.png, summary.json). `--quick`
 is a smaller run of the same steps (for tests).
+
+Over 400 lines on purpose: twelve short phases, each a function of the shared context, in the
+order PHASES runs them.
 """
 
 from __future__ import annotations
