@@ -161,25 +161,25 @@ def run(cfg: RunConfig, rt: Runtime) -> RunResult:
     """
     # Every input is checked before the run directory is touched: bad input changes no file.
     entries = start_lib.check_inputs(cfg)
+    source = None  # LOAD's directory, checked once (model, LR) before anything is compiled
     if cfg.checkpoint.load and not start_lib.has_complete_step(cfg.run_dir):
-        start_lib.check_source(cfg, rt)
+        source = start_lib.check_source(cfg, rt)
     prepare_run_dir(cfg, rt)
     corpora = sorted({e.corpus for e in entries})
     # On CPU Orbax's device-to-host "copy" is a view of the donated state (agpt_jax.checkpoint).
     ckptr = checkpoint.RunCheckpointer(cfg.run_dir, cfg.checkpoint.keep,
                                      copy_before_async_save=rt.capabilities.copy_before_async_save)
     try:
-        if ckptr.latest_step() is None and cfg.checkpoint.load:
-            start_lib.check_source(cfg, rt)  # fail on a wrong source before compiling anything
         trainer = _trainer(cfg, rt)
-        return _train(cfg, rt, trainer, ckptr, entries, corpora)
+        return _train(cfg, rt, trainer, ckptr, entries, corpora, source)
     finally:
         ckptr.close()
 
 
 def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
-           ckptr: checkpoint.RunCheckpointer, entries, corpora: list[str]) -> RunResult:
-    start = start_lib.initial_state(cfg, rt, trainer, ckptr, corpora)
+           ckptr: checkpoint.RunCheckpointer, entries, corpora: list[str],
+           source: str | None) -> RunResult:
+    start = start_lib.initial_state(cfg, rt, trainer, ckptr, corpora, source)
     state, p = start.state, start.progress
     gbs, seq = cfg.batch.global_batch_size, cfg.batch.seq_length
     splits = build_blended_splits(entries, BlendConfig(

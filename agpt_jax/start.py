@@ -131,7 +131,8 @@ class Start:
 
 
 def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
-                   ckptr: checkpoint.RunCheckpointer, corpora: list[str]) -> Start:
+                  ckptr: checkpoint.RunCheckpointer, corpora: list[str],
+                  source: str | None = None) -> Start:
     rng = jax.random.PRNGKey(cfg.data.seed)
     rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
     # Restored arrays land in their sharded layout (the abstract targets carry the shardings)
@@ -151,7 +152,7 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
         progress = checkpoint.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
         return Start(trainer.init(rng), progress, None, {}, False)
 
-    directory = check_source(cfg, rt)
+    directory = source or check_source(cfg, rt)
     meta = checkpoint.read_metadata(directory)
     src_progress = checkpoint.read_progress(directory)
     logging.info("loading %s", directory)
