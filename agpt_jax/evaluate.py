@@ -182,11 +182,11 @@ class LoadedModel:
         data_parallel: devices a batch is split over (batches are padded to a multiple).
     """
 
-    def __init__(self, checkpoint: str, dtype: str | None = None, mesh_spec: str = "") -> None:
+    def __init__(self, path: str, dtype: str | None = None, mesh_spec: str = "") -> None:
         """Reads the checkpoint's model and params onto a mesh.
 
         Args:
-            checkpoint: a converted checkpoint or a cpt.py --save folder (its newest step).
+            path: a converted checkpoint or a cpt.py --save folder (its newest step).
             dtype: compute dtype, one of DTYPES (None: the checkpoint's).
             mesh_spec: mesh axes, e.g. "data=1,fsdp=-1,tensor=1" ("": fsdp over all devices).
 
@@ -197,7 +197,7 @@ class LoadedModel:
         from agpt_jax import runtime
 
         try:
-            self.checkpoint = checkpoint.resolve_checkpoint_dir(checkpoint)
+            self.checkpoint = checkpoint.resolve_checkpoint_dir(path)
             config = checkpoint.model_config(self.checkpoint)
         except checkpoint.CheckpointError as e:
             raise EvaluateError(f"--checkpoint: {e}") from None

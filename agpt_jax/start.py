@@ -121,6 +121,35 @@ def checkpoint_metadata(cfg: RunConfig, source_meta: dict[str, Any], iteration: 
     return meta
 
 
+@jax.jit
+def _copy(x: jax.Array) -> jax.Array:
+    return x.copy()  # a new buffer with x's sharding (jit keeps it), owned by XLA
+
+
+def _owned(leaves: list, rt: Runtime) -> list:
+    """`leaves`, in buffers XLA owns, so that they can be donated.
+
+    Where the platform asks for it (Capabilities.copy_restored_before_donating: the CPU
+    client), each leaf is copied and its original dropped before the next one is copied: the
+    list is the only reference the caller kept, so the peak stays one state plus one leaf.
+    """
+    if rt.capabilities.copy_restored_before_donating:
+        for i in range(len(leaves)):
+            leaves[i] = _copy(leaves[i])
+    return leaves
+
+
+def _assemble(trainer: train_lib.CompiledTrainer, rt: Runtime, restored: list,
+              sched_count: int, step: int) -> train_lib.TrainState:
+    """trainer.assemble on `restored` = [params, (adam count, mu, nu) or None], made safe to
+    donate first (`_owned`). The list is emptied: the caller passes its last references."""
+    leaves, treedef = jax.tree.flatten(tuple(restored))
+    restored.clear()
+    params, adam = jax.tree.unflatten(treedef, _owned(leaves, rt))
+    del leaves
+    return trainer.assemble(params, adam, sched_count, step)
+
+
 @dataclasses.dataclass
 class Start:
     state: train_lib.TrainState
@@ -142,8 +171,9 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
         latest, r = newest
         logging.info("resuming from %s", ckptr.step_dir(latest))
         p = r.progress
-        state = trainer.assemble(r.params, (r.adam["count"], r.adam["mu"], r.adam["nu"]),
-                                 p.schedule_count, p.iteration)
+        restored = [r.params, (r.adam["count"], r.adam["mu"], r.adam["nu"])]
+        r.params = r.adam = None  # `restored` holds the only references
+        state = _assemble(trainer, rt, restored, p.schedule_count, p.iteration)
         source_meta = {k: v for k, v in r.metadata.items() if k != "run_config"}
         return Start(state, p, r.data_state, source_meta, True)
     zero_tokens = {c: 0 for c in corpora}
@@ -162,9 +192,9 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
         if checkpoint.has_adam(directory):
             a = checkpoint.restore_adam(directory, _adam_target(trainer))
             adam = (a["count"], a["mu"], a["nu"])
-            count = a["count"]
             logging.info("loaded Adam moments and step %d (Megatron's universal load does, "
-                         "spec §2.6)", int(np.asarray(count)))
+                         "spec §2.6)", int(np.asarray(a["count"])))
+            del a
         else:
             logging.warning("%s has no Adam state; starting fresh moments", directory)
     else:
@@ -179,6 +209,8 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     if cfg.recipe == "cooldown" and src_progress is not None:
         # The branch continues its source's data stream.
         data_start = src_progress.data_start_iteration + src_progress.iteration
-    state = trainer.assemble(params, adam, start_iter, start_iter)
+    restored = [params, adam]
+    del params, adam  # `restored` holds the only references
+    state = _assemble(trainer, rt, restored, start_iter, start_iter)
     progress = checkpoint.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
     return Start(state, progress, None, meta, False)

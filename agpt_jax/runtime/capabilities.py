@@ -51,6 +51,12 @@ class Capabilities:
             (0: unknown, the MFU is reported as 0 unless configured).
         copy_before_async_save: an asynchronous checkpoint must copy the arrays on device first
             (``RunCheckpointer(copy_before_async_save=...)``).
+        copy_restored_before_donating: copy the arrays Orbax restores into buffers of the run's
+            own, one at a time, before donating them into the TrainState (agpt_jax.start). On
+            the CPU client a resume that donated the restored arrays directly ended in NaN losses
+            and a segfault (once, in the full test suite under load); copies that nothing else
+            holds are safe to donate, and the one-leaf-at-a-time copy keeps the peak near one
+            state.
         xla_flags: flags for ``XLA_FLAGS`` that this platform's client wants before jax's
             backends start (``apply_cpu_xla_flags`` adds the CPU client's).
         supports_donation: ``donate_argnums`` really frees the donated buffers.
@@ -70,6 +76,7 @@ class Capabilities:
     pallas_interpret: bool
     peak_tflops_per_device: float
     copy_before_async_save: bool
+    copy_restored_before_donating: bool
     xla_flags: tuple[str, ...]
     supports_donation: bool
     supports_host_callbacks: bool
@@ -130,14 +137,16 @@ _ACCELERATOR = Capabilities(
     platform="", accelerator=True, default_attention="xla", auto_attention="xla",
     auto_attention_long="blockwise", long_sequence=LONG_SEQUENCE, auto_attention_reason="",
     blockwise_block=DEFAULT_BLOCK, blockwise_split_single_block=False, pallas_interpret=True,
-    peak_tflops_per_device=0.0, copy_before_async_save=False, xla_flags=(),
+    peak_tflops_per_device=0.0, copy_before_async_save=False, copy_restored_before_donating=False,
+    xla_flags=(),
     supports_donation=True, supports_host_callbacks=True)
 
 _TABLE: dict[str, Capabilities] = {
     "cpu": dataclasses.replace(
         _ACCELERATOR, platform="cpu", accelerator=False, long_sequence=CPU_LONG_SEQUENCE,
         blockwise_block=CPU_BLOCK, blockwise_split_single_block=True,
-        copy_before_async_save=True, xla_flags=compat.CPU_XLA_FLAGS),
+        copy_before_async_save=True, copy_restored_before_donating=True,
+        xla_flags=compat.CPU_XLA_FLAGS),
     "gpu": dataclasses.replace(
         _ACCELERATOR, platform="gpu", default_attention="pallas", auto_attention="pallas",
         auto_attention_long="pallas", long_sequence=0,
