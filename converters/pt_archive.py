@@ -217,6 +217,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
         global _ALLOWED
         if _ALLOWED is None:
             _ALLOWED = _allowed_globals()
+        if module == "__builtin__":  # protocol 2 names builtins so (fix_imports): a set, e.g.
+            module = "builtins"      # DeepSpeed's sparse_tensor_module_names
         found = _ALLOWED.get((module, name))
         if found is not None:
             return found
