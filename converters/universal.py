@@ -145,7 +145,8 @@ def resolve_universal_dir(path: str) -> str:
             re.fullmatch(r"global_step\d+", n) for n in os.listdir(path)):
         raise UniversalCheckpointError(
             f"{path}: a ZeRO (non-universal) DeepSpeed checkpoint, not a universal one; convert "
-            "it first with `python ds_to_universal.py --input_folder <root>/global_stepN "
+            "it with `python -m converters.zero_to_orbax --load <root> --save DIR` (TP = PP = 1) "
+            "or first with `python ds_to_universal.py --input_folder <root>/global_stepN "
             "--output_folder <root>/global_stepN_universal`")
     raise UniversalCheckpointError(
         f"{path}: not a universal checkpoint: expected a {LATEST_UNIVERSAL} tag file or a "
@@ -349,6 +350,28 @@ def read_step_file(path: str) -> float:
                                    f"{type(obj).__name__}")
 
 
+#: Top-level keys of mp_rank_XX_model_states.pt that the metadata does not copy into
+#: `megatron_model_states` (they have fields of their own, or are too large to be useful).
+MODEL_STATES_SKIP = frozenset({"args", "module", "universal_checkpoint_info", "iteration",
+                               "checkpoint_version", "rng_state", "optimizer"})
+
+
+def model_states_args(states: Mapping[str, Any], states_path: str) -> dict[str, Any]:
+    """The Megatron args of a model-states file as a dict (Namespace or its inert record)."""
+    args_obj = states.get("args")
+    if isinstance(args_obj, argparse.Namespace):
+        return dict(vars(args_obj))
+    if isinstance(args_obj, PickledObject) and isinstance(args_obj.state, Mapping):
+        return dict(args_obj.state)
+    raise UniversalCheckpointError(f"{states_path}: field 'args' is missing or not an "
+                                   "argparse Namespace")
+
+
+def model_states_extra(states: Mapping[str, Any]) -> dict[str, Any]:
+    """The other top-level keys of a model-states file, JSON-safe (`megatron_model_states`)."""
+    return {k: to_jsonable(v) for k, v in states.items() if k not in MODEL_STATES_SKIP}
+
+
 def open_universal(path: str, expected: GPTConfig | None = None) -> UniversalCheckpoint:
     """Open a universal checkpoint: read args, step metadata, param groups; check every folder.
 
@@ -366,14 +389,7 @@ def open_universal(path: str, expected: GPTConfig | None = None) -> UniversalChe
     if not isinstance(states, Mapping):
         raise UniversalCheckpointError(f"{states_path}: expected a dict, found "
                                        f"{type(states).__name__}")
-    args_obj = states.get("args")
-    if isinstance(args_obj, argparse.Namespace):
-        args = dict(vars(args_obj))
-    elif isinstance(args_obj, PickledObject) and isinstance(args_obj.state, Mapping):
-        args = dict(args_obj.state)
-    else:
-        raise UniversalCheckpointError(f"{states_path}: field 'args' is missing or not an "
-                                       "argparse Namespace")
+    args = model_states_args(states, states_path)
     info = states.get("universal_checkpoint_info")
     if not isinstance(info, Mapping):
         raise UniversalCheckpointError(
@@ -418,9 +434,7 @@ def open_universal(path: str, expected: GPTConfig | None = None) -> UniversalChe
     iteration = states.get("iteration")
     if not isinstance(iteration, int):
         raise UniversalCheckpointError(f"{states_path}: field 'iteration' is missing")
-    skip = {"args", "module", "universal_checkpoint_info", "iteration", "checkpoint_version",
-            "rng_state", "optimizer"}
-    extra_states = {k: to_jsonable(v) for k, v in states.items() if k not in skip}
+    extra_states = model_states_extra(states)
     return UniversalCheckpoint(
         folder=folder, scheme=scheme, config=config, args=args, iteration=iteration,
         checkpoint_version=states.get("checkpoint_version"), universal_info=dict(info),

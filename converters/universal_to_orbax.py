@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from absl import logging
@@ -66,8 +66,8 @@ def parse_model_config(value: str) -> GPTConfig:
         raise ConversionError(f"--model-config {value!r}: not a preset or GPTConfig JSON ({e})")
 
 
-def _state_plan(optimizer_state: bool) -> list[tuple[str, tuple[str, ...], str]]:
-    """(universal file, leaf prefix, item) for each state converted."""
+def state_plan(optimizer_state: bool) -> list[tuple[str, tuple[str, ...], str]]:
+    """(DeepSpeed state, leaf prefix, item) for each state converted."""
     plan = [("fp32", (), checkpoint.ITEM_PARAMS)]
     if optimizer_state:
         plan += [("exp_avg", ("mu",), checkpoint.ITEM_ADAM), ("exp_avg_sq", ("nu",), checkpoint.ITEM_ADAM)]
@@ -80,13 +80,22 @@ def _saved_lr(groups: list[dict]) -> float | None:
     return float(lrs[0]) if lrs else None
 
 
-def build_metadata(ckpt: uv.UniversalCheckpoint, step: float | None) -> dict:
-    """The agpt-jax metadata of a converted checkpoint (all JSON-safe)."""
+def build_metadata(ckpt, step: float | None,
+                   created_by: str = "converters.universal_to_orbax") -> dict:
+    """The agpt-jax metadata of a converted checkpoint (all JSON-safe).
+
+    Args:
+        ckpt: a `universal.UniversalCheckpoint`, or a `zero.ZeroCheckpoint` (the same fields:
+            folder, config, scheme, iteration, param_groups, args, checkpoint_version,
+            universal_info, optimizer_state, model_states_extra).
+        step: the Adam step, or None without optimizer state.
+        created_by: the converter's module.
+    """
     cfg = ckpt.config
     return {
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
-        "created_by": "converters.universal_to_orbax",
+        "created_by": created_by,
         "source": ckpt.folder,
         "iteration": ckpt.iteration,
         "adam_step": step,
@@ -103,6 +112,62 @@ def build_metadata(ckpt: uv.UniversalCheckpoint, step: float | None) -> dict:
         "zero_optimizer_state": uv.to_jsonable(ckpt.optimizer_state),
         "megatron_model_states": ckpt.model_states_extra,
     }
+
+
+#: (Megatron tensor, DeepSpeed state, its full fp32 value with V_pad rows for vocab tensors).
+Tensors = Iterable[tuple[ml.MegatronTensor, str, np.ndarray]]
+
+
+def write_checkpoint(dst: str, cfg: GPTConfig, step: float | None, tensors: Callable[[], Tensors],
+                     metadata: dict, max_inflight_bytes: int, init_ns: int) -> None:
+    """Write the agpt-jax checkpoint DST (atomically) from Megatron tensors as they come.
+
+    Args:
+        dst: the checkpoint directory to create.
+        cfg: the model.
+        step: the Adam step (written as adam/count), or None for params only.
+        tensors: called once inside the write; yields every tensor of every state in
+            `state_plan(step is not None)` exactly once, in any order; state by state keeps
+            one item's writes in flight at a time (the previous item's are waited for when
+            the next item starts), so memory stays at one cap, not one per item.
+        metadata: the metadata item (build_metadata).
+        max_inflight_bytes: cap on source bytes held by pending asynchronous writes.
+        init_ns: when the conversion started (the step metadata's init timestamp).
+    """
+    plan = state_plan(step is not None)
+    items = {state: (prefix, item) for state, prefix, item in plan}
+    shapes = ml.flax_shapes(cfg)
+
+    def write(tmp: str) -> None:
+        writers = {item: checkpoint.PyTreeItemWriter(os.path.join(tmp, item), max_inflight_bytes)
+                   for item in {p[2] for p in plan}}
+        for _, prefix, item in plan:
+            for path, shape in shapes.items():
+                writers[item].create(prefix + path, shape, np.float32, stacked=ml.is_stacked(path))
+        if step is not None:
+            writers[checkpoint.ITEM_ADAM].create(("count",), (), np.int32)
+            writers[checkpoint.ITEM_ADAM].write(("count",), np.int32(step))
+        try:
+            current = None
+            for t, state, w in tensors():
+                prefix, item = items[state]
+                if item != current:
+                    if current is not None:
+                        writers[current].drain()
+                    current = item
+                for path, part in ml.to_flax(t, w, cfg).items():
+                    index = t.layer if ml.is_stacked(path) else None
+                    writers[item].write(prefix + path, part, index)
+            for writer in writers.values():
+                writer.finalize()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        checkpoint.write_metadata_item(tmp, metadata)
+        checkpoint.write_step_metadata(tmp, list(writers) + [checkpoint.ITEM_METADATA], init_ns)
+
+    write_atomically(dst, write)
 
 
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> str:
@@ -128,54 +193,28 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
     if step is not None and step != int(step):
         raise uv.UniversalCheckpointError(f"{ckpt.folder}: step.pt holds {step}, not a whole "
                                           "number of Adam steps")
-    plan = _state_plan(options.optimizer_state)
-    files = [(t, state, prefix, item) for t in ckpt.tensors for state, prefix, item in plan]
-    for t, state, _, _ in files:  # fail before writing anything when a file is missing
+    plan = state_plan(options.optimizer_state)
+    files = [(t, state) for state, _, _ in plan for t in ckpt.tensors]  # state by state
+    for t, state in files:  # fail before writing anything when a file is missing
         path = os.path.join(ckpt.param_dir(t.name), f"{state}.pt")
         if not os.path.isfile(path):
             raise uv.UniversalCheckpointError(f"{path}: missing")
-    total = sum(os.path.getsize(os.path.join(ckpt.param_dir(t.name), f"{s}.pt"))
-                for t, s, _, _ in files)
+    sizes = [os.path.getsize(os.path.join(ckpt.param_dir(t.name), f"{s}.pt")) for t, s in files]
     largest = max(int(np.prod(t.shape)) * 4 for t in ckpt.tensors)
-    inflight = options.max_inflight_bytes or 2 * largest
-    shapes = ml.flax_shapes(cfg)
     logging.info("converting %s (%d tensors, %.2f GB) -> %s", ckpt.folder, len(files),
-                 total / 1e9, dst)
+                 sum(sizes) / 1e9, dst)
 
-    def write(tmp: str) -> None:
-        writers = {item: checkpoint.PyTreeItemWriter(os.path.join(tmp, item), inflight)
-                   for item in {p[2] for p in plan}}
-        for _, prefix, item in plan:
-            for path, shape in shapes.items():
-                writers[item].create(prefix + path, shape, np.float32, stacked=ml.is_stacked(path))
-        if options.optimizer_state:
-            writers[checkpoint.ITEM_ADAM].create(("count",), (), np.int32)
-            writers[checkpoint.ITEM_ADAM].write(("count",), np.int32(step))
-        try:
-            _copy_tensors(writers)
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
-        checkpoint.write_metadata_item(tmp, build_metadata(ckpt, step))
-        checkpoint.write_step_metadata(tmp, list(writers) + [checkpoint.ITEM_METADATA], init_ns)
-
-    def _copy_tensors(writers: dict[str, checkpoint.PyTreeItemWriter]) -> None:
+    def tensors() -> Tensors:
         # disable=None: a bar on a terminal only, so logs and captured stderr stay clean.
-        with tqdm(total=total, unit="B", unit_scale=True, desc="universal->orbax",
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="universal->orbax",
                   disable=None if options.progress else True) as bar:
-            for n, (t, state, prefix, item) in enumerate(files):
-                w = ckpt.read(t, state)
-                for path, part in ml.to_flax(t, w, cfg).items():
-                    index = t.layer if ml.is_stacked(path) else None
-                    writers[item].write(prefix + path, part, index)
-                del w
-                bar.update(os.path.getsize(os.path.join(ckpt.param_dir(t.name), f"{state}.pt")))
+            for n, ((t, state), size) in enumerate(zip(files, sizes)):
+                yield t, state, ckpt.read(t, state)
+                bar.update(size)
                 bar.set_postfix_str(f"{n + 1}/{len(files)} tensors")
-            for writer in writers.values():
-                writer.finalize()
 
-    write_atomically(dst, write)
+    write_checkpoint(dst, cfg, step, tensors, build_metadata(ckpt, step),
+                     options.max_inflight_bytes or 2 * largest, init_ns)
     logging.info("wrote %s", dst)
     return os.path.abspath(dst)
 

@@ -114,6 +114,11 @@ class PyTreeItemWriter:
         while self._pending and self._pending_bytes > self._max_inflight:
             self._wait_oldest()
 
+    def drain(self) -> None:
+        """Wait for every pending write (the data they held is released)."""
+        while self._pending:
+            self._wait_oldest()
+
     def _wait_oldest(self) -> None:
         future, nbytes = self._pending.pop(0)
         future.result()
@@ -132,8 +137,7 @@ class PyTreeItemWriter:
 
     def finalize(self) -> None:
         """Wait for all writes, merge the per-process database and write `_METADATA`."""
-        while self._pending:
-            self._wait_oldest()
+        self.drain()
         self._arrays.clear()
         ts = self._ts
         # Same merge as Orbax's `merge_ocdbt_per_process_files`: copy the process database's key
