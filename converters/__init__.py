@@ -1,4 +1,5 @@
-"""Checkpoint converters at agpt-jax's border: DeepSpeed universal <-> Orbax, Orbax -> HF Llama.
+"""Checkpoint converters at agpt-jax's border: DeepSpeed universal <-> Orbax, DeepSpeed ZeRO-1 ->
+Orbax, Orbax -> HF Llama.
 
 None of it needs torch: `.pt` files are read and written by `converters.pt_archive`, HF weights by
 safetensors' numpy API. Only `orbax_to_hf` imports transformers (for config.json and the tokenizer),
@@ -6,6 +7,7 @@ inside its functions.
 
 Command lines:
     python -m converters.universal_to_orbax --load SRC --save DST [--no-optimizer-state]
+    python -m converters.zero_to_orbax --load SRC --save DST [--no-optimizer-state]
     python -m converters.orbax_to_universal --load SRC --save DST
     python -m converters.orbax_to_hf --load SRC --save DST [--tokenizer PATH]
 
