@@ -95,8 +95,9 @@ class CheckpointConfig:
     """Checkpoints in and out.
 
     Attributes:
-        load: the checkpoint to start from (LOAD): an agpt-jax checkpoint, a run's SAVE folder or a
-            DeepSpeed universal checkpoint; "" for random init.
+        load: the checkpoint to start from (LOAD): an agpt-jax checkpoint, a run's SAVE folder, a
+            DeepSpeed universal checkpoint or a DeepSpeed ZeRO-1 checkpoint (TP = PP = 1); "" for
+            random init.
         save_interval: iterations between saves (SAVE_INTERVAL); also saved at the end and on
             SIGTERM/SIGUSR1.
         keep: newest checkpoints kept.
@@ -107,7 +108,8 @@ class CheckpointConfig:
             checkpoint (checked before anything runs); False detects the kind of LOAD.
         allow_cooled_down_source: constant_cooldown only: accept a source whose LR was decayed.
         origin: the LOAD the user gave when the checkpoint border (converters.load) replaced it
-            by its conversion (a universal checkpoint); "" when `load` is what the user gave.
+            by its conversion (a universal or ZeRO checkpoint); "" when `load` is what the user
+            gave.
     """
 
     load: str

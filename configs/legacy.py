@@ -13,8 +13,9 @@ The one deliberate difference from Megatron: Megatron's first CPT step runs at t
 saved LR (the scheduler has not stepped yet when the param groups are overwritten from the
 checkpoint); agpt-jax's first step runs at the schedule's LR (0 at the start of the warmup).
 
-LOAD may be an agpt-jax checkpoint, a run's SAVE folder, or a DeepSpeed universal checkpoint
-(root with latest_universal, or a global_stepN_universal folder), which is converted once into
+LOAD may be an agpt-jax checkpoint, a run's SAVE folder, a DeepSpeed universal checkpoint
+(root with latest_universal, or a global_stepN_universal folder) or a DeepSpeed ZeRO-1 checkpoint
+at TP = PP = 1 (root with latest, or a global_stepN folder); the last two are converted once into
 SAVE/converted_init/.
 
 Usage: python scripts/cpt.py --config configs/legacy.py:demo --config.load=... --config.save=...

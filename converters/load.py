@@ -5,14 +5,18 @@ scripts/cpt.py calls :func:`prepare` once, after the config is resolved and befo
 DeepSpeed / Megatron name and layout stays on this side (converters/), and no module of
 ``agpt_jax`` imports ``converters``.
 
-A DeepSpeed universal LOAD is converted once into ``SAVE/converted_init/``. The conversion
-records what it was made from in ``converted_init/source.json``: the universal folder, the
-name, size and modification time of every file in it, and whether Adam state was converted. A
+A DeepSpeed universal LOAD (converters/universal_to_orbax.py) or a DeepSpeed ZeRO stage-1 LOAD
+(a save root with ``latest``, or its ``global_stepN`` folder: converters/zero_to_orbax.py, TP = PP
+= 1) is converted once into ``SAVE/converted_init/``. A root holding both (``latest_universal``
+next to ``latest``, after ds_to_universal) is read as universal. The conversion records what it
+was made from in ``converted_init/source.json``: the universal or ZeRO tag folder, the name, size
+and modification time of every file in it, and whether Adam state was converted. A
 later start of the same run reuses the conversion when that record still matches LOAD (a
 restart after a crash, a second phase in the same SAVE), and refuses, naming both, when LOAD
 has changed since (re-converting silently would hide which weights the run started from).
 Names, sizes and times rather than a hash of the bytes: a 7B universal checkpoint is ~80 GB,
-and hashing it would cost minutes at every start.
+and hashing it would cost minutes at every start. Megatron's ``--universal-checkpoint`` insists
+on a universal LOAD, so a ZeRO LOAD is converted only without that flag.
 
 May import: agpt_jax (config, checkpoint, start's input checks) and converters.
 """
@@ -31,6 +35,7 @@ from agpt_jax import checkpoint
 from agpt_jax import start
 from agpt_jax.config import ConfigError, RunConfig
 from converters import universal as uv
+from converters import zero
 
 #: The conversion of a universal LOAD inside the run directory.
 CONVERTED_INIT = "converted_init"
@@ -47,6 +52,12 @@ def is_universal(path: str) -> bool:
         os.path.join(path, uv.ZERO))
 
 
+def is_zero(path: str) -> bool:
+    """Whether `path` is a DeepSpeed ZeRO checkpoint (and not a universal one): a root whose
+    `latest` names a global_stepN folder of *_optim_states.pt files, or such a folder."""
+    return not is_universal(path) and zero.is_zero_dir(path)
+
+
 def _check_kind(cfg: RunConfig) -> None:
     """Megatron's --universal-checkpoint: LOAD must be a universal checkpoint (spec §2.6)."""
     load = cfg.checkpoint.load
@@ -56,13 +67,18 @@ def _check_kind(cfg: RunConfig) -> None:
             f"{config_lib.field_name('load')}={load!r} is not a DeepSpeed universal checkpoint "
             "(no latest_universal file, and not a global_stepN_universal folder with "
             "mp_rank_00_model_states.pt and zero/); give the universal checkpoint, or drop "
-            "--universal-checkpoint to load an agpt-jax checkpoint"])
+            "--universal-checkpoint to load an agpt-jax checkpoint"
+            + (" or to convert this ZeRO checkpoint directly" if is_zero(load) else "")])
 
 
 def fingerprint(load: str, optimizer_state: bool) -> dict:
-    """What a conversion of `load` is made from: its universal folder and every file's name,
-    size and modification time (sha256 of those), and whether Adam state is converted."""
-    folder = uv.resolve_universal_dir(load)
+    """What a conversion of `load` is made from: its universal (or ZeRO) tag folder and every
+    file's name, size and modification time (sha256 of those), and whether Adam state is
+    converted. The folder's key names its kind: universal_folder or zero_folder."""
+    if is_universal(load):
+        key, folder = "universal_folder", uv.resolve_universal_dir(load)
+    else:
+        key, folder = "zero_folder", zero.resolve_zero_dir(load)
     digest = hashlib.sha256()
     count = 0
     for root, dirs, files in os.walk(folder):
@@ -73,8 +89,12 @@ def fingerprint(load: str, optimizer_state: bool) -> dict:
             digest.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n"
                           .encode())
             count += 1
-    return {"universal_folder": folder, "files": count, "files_sha256": digest.hexdigest(),
+    return {key: folder, "files": count, "files_sha256": digest.hexdigest(),
             "optimizer_state": bool(optimizer_state)}
+
+
+def _folder(record: dict) -> str | None:
+    return record.get("universal_folder", record.get("zero_folder"))
 
 
 def _reusable(dst: str, want: dict) -> bool:
@@ -93,25 +113,27 @@ def _reusable(dst: str, want: dict) -> bool:
         have = json.load(f)
     if have != want:
         raise checkpoint.CheckpointError(
-            f"{dst} was converted from {have.get('universal_folder')} "
+            f"{dst} was converted from {_folder(have)} "
             f"({have.get('files')} files, optimizer_state={have.get('optimizer_state')}), but "
-            f"LOAD is now {want['universal_folder']} ({want['files']} files, "
+            f"LOAD is now {_folder(want)} ({want['files']} files, "
             f"optimizer_state={want['optimizer_state']}) or its files changed since; use a new "
             f"SAVE, or delete {dst} to convert LOAD again")
     return True
 
 
 def _convert(cfg: RunConfig, dst: str) -> None:
-    from converters import universal_to_orbax
+    from converters import universal_to_orbax, zero_to_orbax
 
     load = cfg.checkpoint.load
     want = fingerprint(load, cfg.checkpoint.load_optimizer_state)
     if _reusable(dst, want):
-        logging.info("using %s, converted earlier from %s", dst, want["universal_folder"])
+        logging.info("using %s, converted earlier from %s", dst, _folder(want))
         return
-    logging.info("converting universal checkpoint %s -> %s", load, dst)
+    kind, converter = (("universal", universal_to_orbax) if "universal_folder" in want
+                       else ("ZeRO", zero_to_orbax))
+    logging.info("converting %s checkpoint %s -> %s", kind, load, dst)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    universal_to_orbax.convert(load, dst, universal_to_orbax.ConvertOptions(
+    converter.convert(load, dst, universal_to_orbax.ConvertOptions(
         optimizer_state=cfg.checkpoint.load_optimizer_state))
     tmp = os.path.join(dst, SOURCE_RECORD + ".tmp")
     with open(tmp, "w") as f:
@@ -123,6 +145,9 @@ def describe(load: str) -> str:
     """One line on what LOAD is, for the dry run (converts nothing)."""
     if is_universal(load):
         return f"{load}: DeepSpeed universal checkpoint (converted once into SAVE/{CONVERTED_INIT})"
+    if is_zero(load):
+        return (f"{zero.resolve_zero_dir(load)}: DeepSpeed ZeRO checkpoint (converted once into "
+                f"SAVE/{CONVERTED_INIT})")
     directory = checkpoint.resolve_checkpoint_dir(load)
     checkpoint.read_metadata(directory)
     return f"{directory}: agpt-jax checkpoint" + (
@@ -133,22 +158,23 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
     """`cfg` with LOAD as the loop reads it: an agpt-jax checkpoint.
 
     An agpt-jax LOAD is returned as it is. Unless this is a dry run (which reads nothing of LOAD
-    beyond its kind) or SAVE already holds a step to resume from, a universal LOAD is checked
-    against the configured model and converted into SAVE/converted_init by the main process
-    (the others wait); the returned config loads that conversion and keeps the universal path
+    beyond its kind) or SAVE already holds a step to resume from, a universal or ZeRO LOAD is
+    checked against the configured model and converted into SAVE/converted_init by the main
+    process (the others wait); the returned config loads that conversion and keeps the LOAD path
     in `checkpoint.origin`, which the run's metadata records as its source.
 
     Raises:
         ConfigError: --universal-checkpoint with another kind of LOAD; LOAD of another model.
         DataError: the data inputs are bad (checked before any file is written).
-        UniversalCheckpointError / CheckpointError: LOAD is malformed, or SAVE holds the
-            conversion of another LOAD.
+        UniversalCheckpointError / ZeroCheckpointError / CheckpointError: LOAD is malformed, or
+            SAVE holds the conversion of another LOAD.
     """
     load = cfg.checkpoint.load
     if not load:
         return cfg
     _check_kind(cfg)
-    if not is_universal(load):
+    universal = is_universal(load)
+    if not universal and not is_zero(load):
         return cfg
     if dry_run:
         return cfg
@@ -157,7 +183,9 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
     if not resuming:
         start.check_inputs(cfg)  # bad data changes no file, not even the conversion
         # A checkpoint of another model size fails here, before anything is written.
-        config_lib.check_model(cfg, uv.open_universal(load).config, load)
+        found = (uv.open_universal(load).config if universal
+                 else zero.read_model_states(zero.resolve_zero_dir(load)).config)
+        config_lib.check_model(cfg, found, load)
         if rt.is_main_process:
             _convert(cfg, dst)
         if rt.process_count > 1:
