@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -308,6 +308,20 @@ def to_flax(t: MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[FlaxPat
     if t.kind is Kind.FOURH_TO_H:
         return {MLP_DOWN: transposed(w)}
     raise AssertionError(t.kind)
+
+
+def to_flax_rows(t: MegatronTensor, w: np.ndarray, config: GPTConfig,
+                 rows: int) -> Iterator[tuple[FlaxPath, int, np.ndarray]]:
+    """`to_flax` as (path, first row, rows) blocks. The output layer's kernel, the transpose of
+    a vocabulary-sized tensor and the largest array of most models, comes `rows` rows at a time,
+    each block transposed on its own, so its whole transposed copy never exists; every other
+    tensor comes whole (first row 0)."""
+    if t.kind is Kind.OUTPUT:
+        for h0 in range(0, w.shape[1], max(1, rows)):
+            yield LM_HEAD, h0, transposed(w[:, h0:h0 + rows])
+        return
+    for path, part in to_flax(t, w, config).items():
+        yield path, 0, part
 
 
 def from_flax(t: MegatronTensor, parts: Mapping[FlaxPath, np.ndarray],

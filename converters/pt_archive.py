@@ -306,6 +306,23 @@ class _Archive:
         self._file.close()
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop this process's resident pages of the memory map behind `array` (a tensor `load`
+    returned, or a view of one), so they stop counting in its RSS. The arrays stay valid: a later
+    read faults the pages in again from the file (the map is read-only and file-backed). No-op for
+    arrays that are not memory-mapped."""
+    base: Any = array
+    for _ in range(64):  # views of views; as_strided puts a DummyArray (.base) in the chain
+        if isinstance(base, memoryview):
+            base = base.obj
+        elif getattr(base, "base", None) is not None:
+            base = base.base
+        else:
+            break
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
 def load(path: str, *, foreign: Literal["refuse", "record"] = "refuse") -> Any:
     """Loads a ``torch.save`` file as numpy arrays and plain Python data, without torch.
 

@@ -35,6 +35,7 @@ from absl import logging
 
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
+from converters import pt_archive
 from converters import universal as uv
 from converters.zero_files import (LATEST, STATES, GroupLayout, RankState, ZeroCheckpointError,
                                    same_as_rank0, group_layout, is_zero_dir, load_file,
@@ -121,6 +122,13 @@ class ZeroCheckpoint:
                                                for k, v in values.items()}, path)
                     i += 1
                 cursors[g] = i
+            # This pass is done with the rank's pages: out of RSS (writes still pending on
+            # them read them back from the page cache).
+            for arrays in rank.tensors:
+                for a in arrays.values():
+                    pt_archive.release_pages(a)
+                    break
+                break
             del rank
         left = [lay.names[c] for lay, c in zip(self.layouts, cursors) if c < len(lay.names)]
         if left:
@@ -131,17 +139,19 @@ class ZeroCheckpoint:
                  path: str) -> dict[str, np.ndarray]:
         """§11.7: finite values, exp_avg_sq >= 0, module weight == fp32 master cast to its dtype."""
         for k, v in values.items():
-            # One pass, no temporary: a float64 sum of float32 values cannot overflow, so it is
-            # finite exactly when every value is.
-            if v.size and not math.isfinite(v.sum(dtype=np.float64)):
+            # min and max propagate NaN and show an inf, in two fast passes with no temporary.
+            low, high = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise ZeroCheckpointError(f"{path}: {k} of {t.name} holds non-finite values")
-        sq = values.get("exp_avg_sq")
-        if sq is not None and sq.size and sq.min() < 0:
-            raise ZeroCheckpointError(f"{path}: exp_avg_sq of {t.name} has negative values")
+            if k == "exp_avg_sq" and low < 0:
+                raise ZeroCheckpointError(f"{path}: exp_avg_sq of {t.name} has negative values")
         w = _module_tensor(self.module, t.name) if self.module is not None else None
         if w is not None and "fp32" in values:
             cast = values["fp32"].astype(w.dtype)
-            if not np.array_equal(cast.view(np.uint8), np.ascontiguousarray(w).view(np.uint8)):
+            bits = np.dtype(f"u{w.dtype.itemsize}")  # compare bit patterns, a word at a time
+            same = np.array_equal(cast.view(bits), np.ascontiguousarray(w).view(bits))
+            pt_archive.release_pages(w)  # the module weights are a model's worth: out of RSS
+            if not same:
                 raise ZeroCheckpointError(
                     f"{path}: the fp32 master of {t.name} cast to {w.dtype} differs from its "
                     "module weight in mp_rank_00_model_states.pt; the files come from different "

@@ -60,7 +60,6 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
         raise zero.ZeroCheckpointError(f"{ckpt.rank_paths[0]}: Adam step {step}, not a whole "
                                        "number of steps")
     states = [s for s, _, _ in u2o.state_plan(options.optimizer_state)]
-    largest = max(int(np.prod(t.shape)) * 4 for t in ckpt.tensors)
     total = sum(os.path.getsize(p) for p in ckpt.rank_paths)
     logging.info("converting %s (%d ranks, %.2f GB) -> %s", ckpt.folder, len(ckpt.rank_paths),
                  total / 1e9, dst)
@@ -82,7 +81,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
 
     metadata = u2o.build_metadata(ckpt, step, created_by="converters.zero_to_orbax")
     u2o.write_checkpoint(dst, cfg, step, tensors, metadata,
-                         options.max_inflight_bytes or 2 * largest, init_ns)
+                         options.max_inflight_bytes or u2o.INFLIGHT_BYTES, init_ns)
     logging.info("wrote %s", dst)
     return os.path.abspath(dst)
 

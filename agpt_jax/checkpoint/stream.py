@@ -3,8 +3,9 @@
 `PyTreeItemWriter` writes a PyTree item in exactly the format Orbax's (0.11.23 and 0.12.8)
 PyTreeCheckpointHandler writes with OCDBT (a per-process OCDBT database `ocdbt.process_0/` merged into the item's root
 database, zarr v2 arrays with zstd, `_METADATA` with the tree structure), but one slice at a time:
-stacked [L, ...] params are chunked one layer per chunk, so each layer slice is a whole chunk and
-peak memory stays a small multiple of one Megatron tensor rather than of the model.
+stacked [L, ...] params are chunked one layer per chunk, and any chunk over CHUNK_BYTES is cut along
+its first free axis, so each write is a few whole chunks and peak memory stays about one Megatron
+tensor (the one being laid out) rather than a multiple of it or of the model.
 
 May import: checkpoint.layout.
 """
@@ -22,6 +23,13 @@ from agpt_jax import compat
 from agpt_jax.checkpoint.layout import (_JSON_HANDLER, _KEY_TYPE_DICT, _OCDBT_WRITE_CONFIG,
                                         _PROCESS_SUBDIR, _PYTREE_HANDLER, FORMAT, FORMAT_VERSION,
                                         ITEM_METADATA, CheckpointError, LeafPath)
+
+#: Largest zarr chunk the writer makes. A leaf whose (per-layer) slice is bigger is cut along its
+#: first free axis, and each chunk is a write of its own, so tensorstore encodes and stores a few
+#: MiB at a time instead of holding a whole-tensor chunk and its compressed copy (a 7B embedding is
+#: 0.5 GB). Any chunking reads back the same array.
+CHUNK_BYTES = 32 << 20
+
 
 def _ts_context():
     import tensorstore as ts
@@ -53,8 +61,9 @@ class PyTreeItemWriter:
     """Write one Orbax PyTree item (nested dicts of arrays) slice by slice.
 
     Usage: `create(path, shape)` every leaf, `write(path, value, index)` the data (a stacked leaf
-    one leading-axis slice at a time, the others whole), then `finalize()`. Writes are asynchronous;
-    at most `max_inflight_bytes` of source data is held by pending writes.
+    one leading-axis slice at a time, the others whole), then `finalize()`. Writes are asynchronous,
+    one per chunk (at most CHUNK_BYTES); at most `max_inflight_bytes` of source data is held by
+    pending writes.
     """
 
     def __init__(self, item_dir: str, max_inflight_bytes: int = 1 << 30) -> None:
@@ -67,6 +76,7 @@ class PyTreeItemWriter:
         self._kv = _kvstore_spec(os.path.join(self.item_dir, _PROCESS_SUBDIR), write=True)
         self._arrays: dict[LeafPath, Any] = {}
         self._kinds: dict[LeafPath, str] = {}
+        self._rows: dict[LeafPath, int] = {}  # chunk length along the first axis a write has
         self._pending: list[tuple[Any, int]] = []
         self._pending_bytes = 0
         self._max_inflight = max_inflight_bytes
@@ -83,7 +93,12 @@ class PyTreeItemWriter:
                 layer); otherwise one chunk for the whole array, as Orbax does.
         """
         shape = tuple(int(s) for s in shape)
-        chunks = (1,) + shape[1:] if stacked and shape else shape
+        chunks = list((1,) + shape[1:] if stacked and shape else shape)
+        lead = 1 if stacked and shape else 0  # the first axis a write cuts into chunks
+        if len(shape) > lead:
+            row = int(np.prod(shape[lead + 1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            chunks[lead] = max(1, min(shape[lead], CHUNK_BYTES // max(row, 1)))
+            self._rows[path] = chunks[lead]
         spec = {
             "driver": "zarr",
             "kvstore": dict(self._kv, path=leaf_key(path)),
@@ -100,19 +115,35 @@ class PyTreeItemWriter:
         self._arrays[path] = self._ts.open(spec, context=self._context).result()
         self._kinds[path] = "scalar" if not shape else "np.ndarray"
 
-    def write(self, path: LeafPath, value: np.ndarray, index: int | None = None) -> None:
-        """Write a whole leaf (index None) or its slice at `index` of the leading axis."""
+    def chunk_rows(self, path: LeafPath) -> int:
+        """The chunk length along the first axis a write of `path` has (see CHUNK_BYTES)."""
+        return self._rows[path]
+
+    def write(self, path: LeafPath, value: np.ndarray, index: int | None = None,
+              start: int | None = None) -> None:
+        """Write a whole leaf (index None) or its slice at `index` of the leading axis; with
+        `start`, only rows [start, start + len(value)) of it (best at multiples of chunk_rows)."""
         arr = self._arrays[path]
         target = arr if index is None else arr[index]
         value = np.asarray(value)
-        if tuple(value.shape) != tuple(target.shape):
+        offset = start or 0  # tensorstore keeps absolute indices: slices below add it
+        shape = tuple(target.shape)
+        if start is not None and value.ndim and 0 <= start <= shape[0] - value.shape[0]:
+            shape = (value.shape[0],) + shape[1:]
+        if tuple(value.shape) != shape:
             raise ValueError(f"{leaf_key(path)}: writing shape {value.shape} into "
-                             f"{tuple(target.shape)}")
-        future = target.write(value)
-        self._pending.append((future, value.nbytes))
-        self._pending_bytes += value.nbytes
-        while self._pending and self._pending_bytes > self._max_inflight:
-            self._wait_oldest()
+                             f"{tuple(target.shape)}" + (f" at row {start}" if start else ""))
+        n = value.shape[0] if value.ndim else 1
+        step = self._rows.get(path, n) or 1
+        for begin in range(0, max(n, 1), step):
+            stop = min(begin + step, n)
+            block = value[begin:stop] if value.ndim else value
+            dest = target[offset + begin:offset + stop] if value.ndim else target
+            future = dest.write(block)
+            self._pending.append((future, block.nbytes))
+            self._pending_bytes += block.nbytes
+            while self._pending and self._pending_bytes > self._max_inflight:
+                self._wait_oldest()
 
     def drain(self) -> None:
         """Wait for every pending write (the data they held is released)."""
