@@ -25,7 +25,9 @@ import fault_helpers as fh
 
 SEED = 1107
 FSIZE_LIMIT = 16 * 1024  # bytes: below the largest tensor file of the smoke model
-CONVERTERS = ("orbax_to_universal", "universal_to_orbax", "orbax_to_hf")
+CONVERTERS = ("orbax_to_universal", "universal_to_orbax", "zero_to_orbax", "orbax_to_hf")
+# A real DeepSpeed ZeRO-1 save (DP = 3, tests/fixtures/zero_README.md); only read.
+ZERO_SOURCE = str(fh.ROOT / "tests" / "fixtures" / "zero_dp3_fp32")
 
 
 def _with_file_size_limit(argv: list[str]) -> list[str]:
@@ -46,7 +48,8 @@ def sources(tmp_path_factory):
 
     universal = str(work / "universal")
     assert orbax_to_universal.main(["--load", run, "--save", universal]) == 0
-    return work, {"orbax_to_universal": run, "universal_to_orbax": universal, "orbax_to_hf": run}
+    return work, {"orbax_to_universal": run, "universal_to_orbax": universal,
+                  "zero_to_orbax": ZERO_SOURCE, "orbax_to_hf": run}
 
 
 def _argv(name: str, load: str, save: str) -> list[str]:
@@ -58,7 +61,7 @@ def _looks_complete(name: str, save: str) -> bool:
 
 
 def _check_output(name: str, save: str) -> None:
-    if name == "universal_to_orbax":
+    if name in ("universal_to_orbax", "zero_to_orbax"):
         assert checkpoint.read_metadata(save)["format"] == checkpoint.FORMAT
     elif name == "orbax_to_universal":
         assert os.path.isfile(os.path.join(save, "latest_universal"))
