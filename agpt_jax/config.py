@@ -22,13 +22,12 @@ from absl import logging
 
 from agpt_jax import model as model_lib
 from agpt_jax import optim, recipes, schedules
-from agpt_jax.runtime import MeshConfig, parse_mesh
+from agpt_jax.runtime import PLATFORMS, MeshConfig, parse_mesh
 
 RECIPES = ("legacy", "constant_cooldown", "cooldown", "pretrain")
 # Recipes that start from a checkpoint (LOAD) with Megatron's --finetune semantics.
 CPT_RECIPES = ("legacy", "constant_cooldown", "cooldown")
 STRATEGIES = ("fsdp", "zero1")
-PLATFORMS = ("auto", "cpu", "xpu")
 
 # The ConfigDict keys (agpt_jax/recipes.py) and the launcher variables each one defaults from
 # (several: the first set one wins, agpt_jax/recipes.py).
