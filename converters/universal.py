@@ -249,18 +249,20 @@ def config_mismatches(given: GPTConfig, found: GPTConfig) -> list[str]:
 
 
 @dataclasses.dataclass
-class UniversalCheckpoint:
-    """An opened universal checkpoint: everything but the tensors, which are read on demand.
+class SourceCheckpoint:
+    """What a DeepSpeed checkpoint (universal or ZeRO) holds besides its tensors: what the
+    converters' metadata (universal_to_orbax.build_metadata) is made of.
 
     Attributes:
-        folder: the global_stepN_universal folder.
+        folder: the global_stepN_universal (or ZeRO global_stepN) folder.
         scheme: the parameter naming scheme.
         config: the model config from args.
         args: the Megatron args (Namespace contents; foreign objects as PickledObject).
         iteration: the Megatron iteration saved.
         checkpoint_version: Megatron's checkpoint_version (3.0).
         universal_info: universal_checkpoint_info.
-        optimizer_state: zero/optimizer_state.pt minus param_groups.
+        optimizer_state: zero/optimizer_state.pt minus param_groups (for a ZeRO checkpoint: what
+            ds_to_universal would write there).
         param_groups: the optimizer's param groups (lr, betas, eps, weight_decay, ...).
         tensors: every Megatron parameter expected, in named_parameters() order.
         model_states_extra: other top-level keys of mp_rank_00_model_states.pt (JSON-safe).
@@ -277,6 +279,11 @@ class UniversalCheckpoint:
     param_groups: list[dict[str, Any]]
     tensors: list[ml.MegatronTensor]
     model_states_extra: dict[str, Any]
+
+
+@dataclasses.dataclass
+class UniversalCheckpoint(SourceCheckpoint):
+    """An opened universal checkpoint: everything but the tensors, which are read on demand."""
 
     def param_dir(self, name: str) -> str:
         return os.path.join(self.folder, ZERO, name)

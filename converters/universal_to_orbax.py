@@ -89,14 +89,12 @@ def _saved_lr(groups: list[dict]) -> float | None:
     return float(lrs[0]) if lrs else None
 
 
-def build_metadata(ckpt, step: float | None,
+def build_metadata(ckpt: uv.SourceCheckpoint, step: float | None,
                    created_by: str = "converters.universal_to_orbax") -> dict:
     """The agpt-jax metadata of a converted checkpoint (all JSON-safe).
 
     Args:
-        ckpt: a `universal.UniversalCheckpoint`, or a `zero.ZeroCheckpoint` (the same fields:
-            folder, config, scheme, iteration, param_groups, args, checkpoint_version,
-            universal_info, optimizer_state, model_states_extra).
+        ckpt: an opened universal or ZeRO checkpoint.
         step: the Adam step, or None without optimizer state.
         created_by: the converter's module.
     """
@@ -231,11 +229,13 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
     return os.path.abspath(dst)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    parser = argparse.ArgumentParser(prog="python -m converters.universal_to_orbax",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help="universal --load root or folder")
+def to_orbax_cli(prog: str, load_help: str, convert_fn: Callable[..., str],
+                 argv: Sequence[str] | None) -> int:
+    """The command line of a DeepSpeed -> agpt-jax converter (this one and zero_to_orbax);
+    returns the exit code: 0, 2 bad input, 1 a failed write."""
+    module = __import__(prog.split()[-1], fromlist=["__doc__"])
+    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help=load_help)
     parser.add_argument("--save", required=True, help="agpt-jax checkpoint directory to create")
     parser.add_argument("--no-optimizer-state", action="store_true",
                         help="write params only (no Adam moments and step)")
@@ -246,10 +246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         expected = parse_model_config(args.model_config) if args.model_config else None
-        convert(args.load, args.save, ConvertOptions(optimizer_state=not args.no_optimizer_state,
-                                                     expected_config=expected))
+        convert_fn(args.load, args.save, ConvertOptions(
+            optimizer_state=not args.no_optimizer_state, expected_config=expected))
 
     return run_cli(body, args.debug)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
+    return to_orbax_cli("python -m converters.universal_to_orbax",
+                        "universal --load root or folder", convert, argv)
 
 
 if __name__ == "__main__":

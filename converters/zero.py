@@ -64,32 +64,22 @@ def _module_tensor(module: Any, name: str) -> Any:
 
 
 @dataclasses.dataclass
-class ZeroCheckpoint:
+class ZeroCheckpoint(uv.SourceCheckpoint):
     """An opened, checked ZeRO checkpoint; the tensors are read by `stream`.
 
-    The fields universal_to_orbax.build_metadata reads are those of `UniversalCheckpoint`:
-    `optimizer_state` is what ds_to_universal writes to zero/optimizer_state.pt (rank 0's
-    optimizer_state_dict minus the sharded keys, group_paddings zeroed, partition_count = D) minus
-    param_groups, which are `param_groups`.
+    Beyond `universal.SourceCheckpoint` (whose `optimizer_state` is what ds_to_universal writes
+    to zero/optimizer_state.pt: rank 0's optimizer_state_dict minus the sharded keys,
+    group_paddings zeroed, partition_count = D, minus param_groups): the Adam step, the writer
+    class, each group's flat layout, the rank files in rank order, the module weights (for the
+    §11.7 check) and rank 0's parsed file.
     """
 
-    folder: str
-    scheme: ml.NameScheme
-    config: GPTConfig
-    args: dict[str, Any]
-    iteration: int
-    checkpoint_version: Any
-    universal_info: dict[str, Any]
-    optimizer_state: dict[str, Any]
-    param_groups: list[dict[str, Any]]
-    tensors: list[ml.MegatronTensor]
-    model_states_extra: dict[str, Any]
-    step: float
-    writer: str
-    layouts: list[GroupLayout]
-    rank_paths: list[str]
-    module: Any = dataclasses.field(repr=False)
-    first: RankState = dataclasses.field(repr=False)
+    step: float = 0.0
+    writer: str = ""
+    layouts: list[GroupLayout] = dataclasses.field(default_factory=list)
+    rank_paths: list[str] = dataclasses.field(default_factory=list)
+    module: Any = dataclasses.field(default=None, repr=False)
+    first: RankState | None = dataclasses.field(default=None, repr=False)
 
     def stream(self, states: Sequence[str] = STATES
                ) -> Iterator[tuple[ml.MegatronTensor, dict[str, np.ndarray]]]:

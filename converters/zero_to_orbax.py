@@ -20,7 +20,6 @@ tensors. Nothing is left at DST on failure.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Sequence
@@ -28,7 +27,6 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from converters import run_cli
 from converters import megatron_layout as ml
 from converters import universal_to_orbax as u2o
 from converters import zero
@@ -88,23 +86,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    parser = argparse.ArgumentParser(prog="python -m converters.zero_to_orbax",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help="ZeRO --load root or global_stepN folder")
-    parser.add_argument("--save", required=True, help="agpt-jax checkpoint directory to create")
-    parser.add_argument("--no-optimizer-state", action="store_true",
-                        help="write params only (no Adam moments and step)")
-    parser.add_argument("--model-config", default=None,
-                        help="preset name or GPTConfig JSON to check the checkpoint against")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        expected = u2o.parse_model_config(args.model_config) if args.model_config else None
-        convert(args.load, args.save, ConvertOptions(optimizer_state=not args.no_optimizer_state,
-                                                     expected_config=expected))
-
-    return run_cli(body, args.debug)
+    return u2o.to_orbax_cli("python -m converters.zero_to_orbax",
+                            "ZeRO --load root or global_stepN folder", convert, argv)
 
 
 if __name__ == "__main__":
