@@ -103,6 +103,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        return env_float(\"LR_WARMUP_FRAC\" if _env(environ, \"LR_WARMUP_FRAC\") else "
         "\"LR_WARMUP_FRACTION\", default, environ)",
         ("tests/test_megatron_flags.py", "tests/test_config.py")),
+    Mutation(
+        "zero_padding_kept", "a ZeRO rank's partition read whole, its padding as if it were data",
+        "converters/zero_files.py",
+        "        return min(max(self.n - r * self.size, 0), self.size)",
+        "        return self.size if self.n > r * self.size else 0",
+        ("tests/converters/test_zero_to_orbax.py",)),
+    Mutation(
+        "zero_fragment_offset", "a parameter cut by a ZeRO rank boundary assembled with every "
+        "fragment at its start",
+        "converters/zero.py",
+        "open_[g][k][a - start:b - start] = rank.tensors[g][k][a - lo:b - lo]",
+        "open_[g][k][:b - a] = rank.tensors[g][k][a - lo:b - lo]",
+        ("tests/converters/test_zero_to_orbax.py",)),
 )
 
 
