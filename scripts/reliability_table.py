@@ -37,12 +37,15 @@ unless stated).
 
 # The tests' temporary folders and log prefixes: machine noise, not part of a message.
 _TMP = re.compile(r"/(?:tmp|var)/\S*?pytest-\d+/(?:popen-gw\d+/)?[^/\s'\"]+")
+# A temporary path cut off where a record's message was shortened.
+_TMP_CUT = re.compile(r"/(?:tmp|var)/\S*$")
 _LOG_PREFIX = re.compile(r"^(?:\d{4}-\d\d-\d\d [\d:.]+: |[IWEF]\d{4} [\d:.]+ +\d+ \S+\] )")
 
 
 def _cell(text: object) -> str:
     """A markdown table cell: one line, pipes escaped, temporary folders as <tmp>."""
-    text = _LOG_PREFIX.sub("", _TMP.sub("<tmp>", " ".join(str(text).split())))
+    text = _TMP.sub("<tmp>", " ".join(str(text).split()))
+    text = _LOG_PREFIX.sub("", _TMP_CUT.sub("<tmp>", text))
     return text.replace("|", "\\|")
 
 
