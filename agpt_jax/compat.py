@@ -73,3 +73,23 @@ def _version_tuple(distribution: str) -> tuple[int, ...]:
 #: records ``"use_ocdbt": true``, 0.11.23 does not.
 ORBAX_ITEM_METADATA_EXTRA: dict[str, Any] = (
     {"use_ocdbt": True} if _version_tuple("orbax-checkpoint") >= (0, 12) else {})
+
+
+def quiet_closed_event_loop(default: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops one known, harmless report and passes the rest on.
+
+    With orbax-checkpoint 0.12 on Python 3.12, a background checkpoint write that fails (a full
+    disk) can leave a callback that posts to the write's asyncio loop after that loop closed:
+    Python prints "Exception ignored ... RuntimeError: Event loop is closed" with a traceback
+    after the run's one error line. Nothing can receive that callback any more. The hook drops
+    exactly that report (logged at debug level); every other one goes to ``default``.
+    """
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            from absl import logging
+
+            logging.debug("ignored a callback to a closed event loop (%s)", unraisable.object)
+            return
+        default(unraisable)
+    return hook

@@ -95,6 +95,9 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv: list[str]) -> int:
     del argv
+    from agpt_jax import compat
+
+    sys.unraisablehook = compat.quiet_closed_event_loop(sys.unraisablehook)
     code = _main()
     from agpt_jax import runtime
 
