@@ -58,7 +58,9 @@ def test_survivor_exits_with_a_message(tmp_path):
             said = (survivor.matching(r"^cpt\.py: error: .*(another process .*died|Gloo|"
                                       r"Connection reset)")
                     or survivor.matching(r"another task died|heartbeat timeout"))
-            if said and said[0].startswith("cpt.py"):
+            # Its second line comes from main() as the process leaves; when the coordinator died,
+            # jax's coordination client may abort the process (SIGABRT) between the two lines.
+            if said and said[0].startswith("cpt.py") and rc == 1:
                 assert survivor.matching(r"^cpt\.py: process \d of 2 stops with exit code 1; "
                                          r"if another process died"), survivor.text[-3000:]
             assert said, survivor.text[-3000:]
