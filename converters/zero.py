@@ -112,13 +112,10 @@ class ZeroCheckpoint(uv.SourceCheckpoint):
                                                for k, v in values.items()}, path)
                     i += 1
                 cursors[g] = i
-            # This pass is done with the rank's pages: out of RSS (writes still pending on
-            # them read them back from the page cache).
-            for arrays in rank.tensors:
-                for a in arrays.values():
-                    pt_archive.release_pages(a)
-                    break
-                break
+            # This pass is done with the rank's pages: out of RSS (writes still pending on them
+            # read them back from the page cache). One rank file is one memory map, so any of
+            # its arrays releases it.
+            pt_archive.release_pages(next(iter(rank.tensors[0].values())))
             del rank
         left = [lay.names[c] for lay, c in zip(self.layouts, cursors) if c < len(lay.names)]
         if left:
