@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # agpt_jax.data.blend). Keep in step with the table in docs/architecture.md.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # Leaves: no other module of the project.
-    ("agpt_jax.compat", "agpt_jax.hostmem", "agpt_jax.paths", "agpt_jax.xpu",
+    ("agpt_jax.cli", "agpt_jax.compat", "agpt_jax.hostmem", "agpt_jax.paths", "agpt_jax.xpu",
      "agpt_jax.megatron_flags", "agpt_jax.metrics", "agpt_jax.recipes", "agpt_jax.schedules",
      "agpt_jax.optim", "agpt_jax.sharding", "agpt_jax.data"),
     # What the platform is and can do; meshes and launchers.

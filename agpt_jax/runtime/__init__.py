@@ -20,7 +20,8 @@ Modules, one job each (a module imports only those above it in this list):
   (:func:`platform_of_backend`, :func:`plugin_for_backend`);
 - :mod:`agpt_jax.runtime.platform`: :class:`Runtime`, :func:`initialize` and the platform
   work-arounds (:func:`apply_cpu_xla_flags`, ...);
-- :mod:`agpt_jax.runtime.check`: the environment check and the command lines' exit codes.
+- :mod:`agpt_jax.runtime.check`: the environment check (and, from :mod:`agpt_jax.cli`, the command
+  lines' exit codes and flag parser).
 
 This module re-exports their names, so ``from agpt_jax import runtime; runtime.initialize()``
 and ``from agpt_jax.runtime import MeshConfig`` keep working. ``runtime._runtime`` (None until

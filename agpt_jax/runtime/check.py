@@ -1,13 +1,14 @@
-"""The environment check, ``python -m agpt_jax.runtime --check``, and the command-line helpers.
+"""The environment check, ``python -m agpt_jax.runtime --check``.
 
 One job: on a new node, print versions, platform, devices and work-arounds, run an all-reduce
 across every device (and, on XPU, probe XLA's fused attention), and exit 1 if anything fails
-(:func:`run_checks`, :func:`check_report`, :func:`format_report`, :func:`_main`). It also holds
+(:func:`run_checks`, :func:`check_report`, :func:`format_report`, :func:`_main`). It re-exports
 the exit codes and the absl flag parser the command lines share (:data:`EXIT_FAILED`,
-:data:`EXIT_USAGE`, :func:`parse_flags_exit_usage`). The flags of ``--check`` are defined in
-``agpt_jax/runtime/__main__.py``, so that importing this module defines none.
+:data:`EXIT_USAGE`, :func:`parse_flags_exit_usage`), which live in the jax-free
+:mod:`agpt_jax.cli`. The flags of ``--check`` are defined in ``agpt_jax/runtime/__main__.py``, so
+that importing this module defines none.
 
-Imports: jax, numpy, absl, agpt_jax.compat / xpu and the other runtime modules
+Imports: jax, numpy, absl, agpt_jax.cli / compat / xpu and the other runtime modules
 (:mod:`~agpt_jax.runtime.mesh`, :mod:`~agpt_jax.runtime.launch`,
 :mod:`~agpt_jax.runtime.platform`). It must not import agpt_jax.loop, train, model, config or
 converters.
@@ -30,6 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from agpt_jax import compat, xpu
+# Re-exported: the runtime's names of the command lines' exit codes and flag parser.
+from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE, parse_flags_exit_usage  # noqa: F401
 from agpt_jax.runtime.launch import DistributedConfig
 from agpt_jax.runtime.mesh import MESH_AXES, MeshConfig, make_mesh
 from agpt_jax.runtime.platform import Runtime, initialize
@@ -193,26 +196,6 @@ def format_report(report: Mapping[str, object]) -> str:
                      f"{check['detail']}")
     lines.append("result: " + ("every check passed" if report["ok"] else "SOME CHECKS FAILED"))
     return "\n".join(prefix + line for line in lines)
-
-
-# Exit codes of the command lines: 1 a failure while running (a failed check), 2 bad input.
-EXIT_FAILED, EXIT_USAGE = 1, 2
-
-
-def parse_flags_exit_usage(argv: Sequence[str]) -> list[str]:
-    """absl flag parsing for ``app.run(..., flags_parser=parse_flags_exit_usage)``.
-
-    A bad flag (unknown, or an illegal value) prints one line and exits EXIT_USAGE (2), as
-    argparse does; absl's own parser exits 1, which the command lines keep for failures.
-    """
-    from absl import flags
-
-    try:
-        return flags.FLAGS(list(argv))
-    except flags.Error as err:
-        print(f"error: {' '.join(str(err).split())}; see --helpfull for the flags",
-              file=sys.stderr)
-        sys.exit(EXIT_USAGE)
 
 
 def _main(argv: Sequence[str]) -> int:
