@@ -123,7 +123,8 @@ def parse_args(flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: s
         The flags' values, as attributes named with underscores for hyphens
         (``--data-file-list`` is ``data_file_list``), and the positional arguments in order.
     """
-    flags.DEFINE_flag(_HelpFlag(flag_values, doc), flag_values)
+    own = next(iter(flag_values.flags_by_module_dict()), None)  # listed with the command's flags
+    flags.DEFINE_flag(_HelpFlag(flag_values, doc), flag_values, module_name=own)
     argv = sys.argv[1:] if argv is None else argv
     rest = parse_flags_exit_usage(
         [sys.argv[0], *_absl_spellings(argv, flag_values, multiword)], flag_values)[1:]

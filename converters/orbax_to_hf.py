@@ -12,15 +12,15 @@ Tensors are written per layer into shards of at most `--max-shard-gb`, so memory
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
-from agpt_jax import checkpoint
+from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import ConversionError, run_cli, write_atomically
@@ -167,16 +167,16 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    parser = argparse.ArgumentParser(prog="python -m converters.orbax_to_hf",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help="agpt-jax checkpoint or run --save root")
-    parser.add_argument("--save", required=True, help="HF model folder to create")
-    parser.add_argument("--tokenizer", default=None,
-                        help="HF tokenizer folder or sentencepiece tokenizer.model to include")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("load", None, "agpt-jax checkpoint or run --save root", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("save", None, "HF model folder to create", required=True, flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "HF tokenizer folder or sentencepiece tokenizer.model "
+                        "to include", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "float32 | bfloat16 | float16", flag_values=fv)
+    flags.DEFINE_float("max-shard-gb", 5.0, "safetensors shard size", flag_values=fv)
+    flags.DEFINE_bool("debug", False, "show tracebacks", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     return run_cli(lambda: convert(args.load, args.save, args.tokenizer, args.dtype,
                                    int(args.max_shard_gb * 1e9)), args.debug)
 

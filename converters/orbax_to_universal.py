@@ -37,9 +37,9 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
-from agpt_jax import checkpoint
+from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig
 from converters import megatron_layout as ml
 from converters import pt_archive
@@ -351,12 +351,13 @@ def convert(src: str, dst: str, progress: bool = True) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    parser = argparse.ArgumentParser(prog="python -m converters.orbax_to_universal",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help="agpt-jax checkpoint or run --save root")
-    parser.add_argument("--save", required=True, help="universal --load root to create")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("load", None, "agpt-jax checkpoint or run --save root", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("save", None, "universal --load root to create", required=True,
+                        flag_values=fv)
+    flags.DEFINE_bool("debug", False, "show tracebacks", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     return run_cli(lambda: convert(args.load, args.save), args.debug)
 
 

@@ -17,7 +17,6 @@ INFLIGHT_BYTES pending. Everything is written to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,9 +24,9 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
-from agpt_jax import checkpoint
+from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig, get_preset
 from converters import megatron_layout as ml
 from converters import pt_archive
@@ -229,20 +228,20 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
     return os.path.abspath(dst)
 
 
-def to_orbax_cli(prog: str, load_help: str, convert_fn: Callable[..., str],
+def to_orbax_cli(doc: str, load_help: str, convert_fn: Callable[..., str],
                  argv: Sequence[str] | None) -> int:
-    """The command line of a DeepSpeed -> agpt-jax converter (this one and zero_to_orbax);
-    returns the exit code: 0, 2 bad input, 1 a failed write."""
-    module = __import__(prog.split()[-1], fromlist=["__doc__"])
-    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0])
-    parser.add_argument("--load", required=True, help=load_help)
-    parser.add_argument("--save", required=True, help="agpt-jax checkpoint directory to create")
-    parser.add_argument("--no-optimizer-state", action="store_true",
-                        help="write params only (no Adam moments and step)")
-    parser.add_argument("--model-config", default=None,
-                        help="preset name or GPTConfig JSON to check the checkpoint against")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    """The command line of a DeepSpeed -> agpt-jax converter (this one and zero_to_orbax, whose
+    docstring is ``doc``); returns the exit code: 0, 2 bad input, 1 a failed write."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("load", None, load_help, required=True, flag_values=fv)
+    flags.DEFINE_string("save", None, "agpt-jax checkpoint directory to create", required=True,
+                        flag_values=fv)
+    flags.DEFINE_bool("no-optimizer-state", False, "write params only (no Adam moments and step)",
+                      flag_values=fv)
+    flags.DEFINE_string("model-config", None, "preset name or GPTConfig JSON to check the "
+                        "checkpoint against", flag_values=fv)
+    flags.DEFINE_bool("debug", False, "show tracebacks", flag_values=fv)
+    args = cli.parse(fv, argv, doc)
 
     def body() -> None:
         expected = parse_model_config(args.model_config) if args.model_config else None
@@ -254,8 +253,7 @@ def to_orbax_cli(prog: str, load_help: str, convert_fn: Callable[..., str],
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    return to_orbax_cli("python -m converters.universal_to_orbax",
-                        "universal --load root or folder", convert, argv)
+    return to_orbax_cli(__doc__, "universal --load root or folder", convert, argv)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code: 0, 2 bad input, 1 a failed write."""
-    return u2o.to_orbax_cli("python -m converters.zero_to_orbax",
-                            "ZeRO --load root or global_stepN folder", convert, argv)
+    return u2o.to_orbax_cli(__doc__, "ZeRO --load root or global_stepN folder", convert, argv)
 
 
 if __name__ == "__main__":
