@@ -24,12 +24,14 @@ message names the file); 1 writing --out failed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import types
 
 import numpy as np
+from absl import flags
 
+from agpt_jax import cli
 from agpt_jax.data.blend import BlendConfig, build_blended_splits, split_num_samples
 from agpt_jax.data.file_list import read_file_list
 from agpt_jax.data.indexed import DataError
@@ -45,30 +47,32 @@ RECIPE_DEFAULTS = {
     **{k: recipes.SIZES["agpt_7b"][k] for k in ("eval_interval", "eval_iters")}}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-file-list", required=True)
-    p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--global-batch-size", type=int, required=True)
-    p.add_argument("--train-iters", type=int, required=True)
-    p.add_argument("--eval-interval", type=int, default=RECIPE_DEFAULTS["eval_interval"],
-                   help="default %(default)s: the 7B recipe's EVAL_INTERVAL")
-    p.add_argument("--eval-iters", type=int, default=RECIPE_DEFAULTS["eval_iters"],
-                   help="default %(default)s: the 7B recipe's EVAL_ITERS")
-    p.add_argument("--seed", type=int, default=RECIPE_DEFAULTS["seed"], help="default %(default)s: the recipes' SEED")
-    p.add_argument("--split", default=RECIPE_DEFAULTS["split"], help="default %(default)s: the recipes' SPLIT")
-    p.add_argument("--shuffle-sample-in-corpus", action=argparse.BooleanOptionalAction,
-                   default=RECIPE_DEFAULTS["shuffle_sample_in_corpus"],
-                   help="default on, as the recipes train")
-    p.add_argument("--blend-sample-in-corpus", action=argparse.BooleanOptionalAction,
-                   default=RECIPE_DEFAULTS["blend_sample_in_corpus"],
-                   help="default off, as the recipes train")
-    p.add_argument("--data-cache-path", default=None, help="index cache folder (default: no cache)")
-    p.add_argument("--dump", type=int, default=0, metavar="K", help="first K global training batches")
-    p.add_argument("--out", default=None, help="npz file for --dump")
-    p.add_argument("--decode", default=None, metavar="TOKENIZER", help="print dumped rows as text")
-    p.add_argument("--tokenizer-type", default=None, help="for --decode; default: by file name")
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None) -> types.SimpleNamespace:
+    """The flags of `argv` (sys.argv[1:] when None); a bad flag exits 2 (agpt_jax/cli.py)."""
+    fv = flags.FlagValues()
+    d = RECIPE_DEFAULTS
+    flags.DEFINE_string("data-file-list", None, "the DATA_FILE_LIST", required=True,
+                        flag_values=fv)
+    for name in ("seq-length", "global-batch-size", "train-iters"):
+        flags.DEFINE_integer(name, None, f"Megatron --{name}", required=True, flag_values=fv)
+    flags.DEFINE_integer("eval-interval", d["eval_interval"], "the 7B recipe's EVAL_INTERVAL",
+                         flag_values=fv)
+    flags.DEFINE_integer("eval-iters", d["eval_iters"], "the 7B recipe's EVAL_ITERS",
+                         flag_values=fv)
+    flags.DEFINE_integer("seed", d["seed"], "the recipes' SEED", flag_values=fv)
+    flags.DEFINE_string("split", d["split"], "the recipes' SPLIT", flag_values=fv)
+    flags.DEFINE_bool("shuffle-sample-in-corpus", d["shuffle_sample_in_corpus"],
+                      "as the recipes train", flag_values=fv)
+    flags.DEFINE_bool("blend-sample-in-corpus", d["blend_sample_in_corpus"],
+                      "as the recipes train", flag_values=fv)
+    flags.DEFINE_string("data-cache-path", None, "index cache folder (default: no cache)",
+                        flag_values=fv)
+    flags.DEFINE_integer("dump", 0, "K: the first K global training batches", flag_values=fv)
+    flags.DEFINE_string("out", None, "npz file for --dump", flag_values=fv)
+    flags.DEFINE_string("decode", None, "TOKENIZER: print dumped rows as text", flag_values=fv)
+    flags.DEFINE_string("tokenizer-type", None, "for --decode; default: by file name",
+                        flag_values=fv)
+    return cli.parse(fv, argv, __doc__)
 
 
 def describe(splits: dict, entries, cfg: BlendConfig) -> str:
@@ -92,7 +96,7 @@ def describe(splits: dict, entries, cfg: BlendConfig) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: types.SimpleNamespace) -> None:
     """Print the blend; dump and decode the first batches as the flags say.
 
     Raises:

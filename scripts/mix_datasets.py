@@ -14,19 +14,23 @@ after the inputs are read, so it never exits 1.
 
 from __future__ import annotations
 
-import argparse
 import sys
+import types
 
+from absl import flags
+
+from agpt_jax import cli
 from agpt_jax.data.indexed import DataError
 from agpt_jax.data.file_list import mix_file_lists
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--inputs", nargs="+", required=True,
-                   help="pairs of global weight and file list: W1 LIST1 W2 LIST2 ...")
-    p.add_argument("--precision", type=int, default=6, help="decimals of the printed weights (default 6)")
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None) -> types.SimpleNamespace:
+    """The flags of `argv` (sys.argv[1:] when None); a bad flag exits 2 (agpt_jax/cli.py)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_string("inputs", None, "pairs of global weight and file list: W1 LIST1 W2 "
+                              "LIST2 ...", required=True, flag_values=fv)
+    flags.DEFINE_integer("precision", 6, "decimals of the printed weights", flag_values=fv)
+    return cli.parse(fv, argv, __doc__, multiword=("inputs",))
 
 
 def main(argv: list[str] | None = None) -> int:

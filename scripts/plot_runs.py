@@ -15,16 +15,18 @@ metrics.jsonl; the message names the file and line); 1 writing the PNG failed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
+import types
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
+from agpt_jax import cli
 from agpt_jax.paths import output_file_problem
 
 METRICS_FILE = "metrics.jsonl"
@@ -307,14 +309,20 @@ def _share_loss_limits(ax_loss, ax_eval, runs: Sequence[RunMetrics], window: int
             ax.set_ylim(lo - pad, hi + pad)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="cpt.py --save folders")
-    p.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
-    p.add_argument("--smooth", type=int, default=1,
-                   help="running-mean window of the train losses, in logged points (default 1)")
-    p.add_argument("--title", default=None, help="figure title")
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None) -> types.SimpleNamespace:
+    """The flags and RUN_DIRs of `argv` (sys.argv[1:] when None); bad ones exit 2."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", "runs.png", "PNG to write", flag_values=fv)
+    flags.DEFINE_integer("smooth", 1, "running-mean window of the train losses, in logged points",
+                         flag_values=fv)
+    flags.DEFINE_string("title", None, "figure title", flag_values=fv)
+    args, runs = cli.parse_args(fv, argv, __doc__)
+    if not runs:
+        print("error: pass one or more RUN_DIR (cpt.py --save folders) before or after the flags",
+              file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    args.runs = runs
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,17 +15,19 @@ removed).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import multiprocessing
 import os
 import sys
 import time
+import types
 from collections.abc import Iterator
 
+from absl import flags
 from tqdm import tqdm
 
+from agpt_jax import cli
 from agpt_jax.data.indexed import DataError, IndexedDatasetBuilder, best_fitting_dtype
 from agpt_jax.data.tokenizer import TOKENIZER_TYPES, encode_json_line, init_encoder, load_tokenizer
 
@@ -83,23 +85,31 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
                         ".jsonl.zst file?") from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="jsonl file (.jsonl, .jsonl.gz or .jsonl.zst)")
-    p.add_argument("--output-prefix", required=True, help="output path without suffix")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)")
-    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HF tokenizer.json")
-    p.add_argument("--eod-token", default=None, help="HFTokenizer: end-of-document token (default: guess)")
-    p.add_argument("--append-eod", action="store_true", help="append the end-of-document id to every document")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--skip-malformed", action="store_true",
-                   help="report malformed lines and skip them (default: stop at the first one)")
-    p.add_argument("--log-interval", type=int, default=10000, help="documents between progress updates")
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None) -> types.SimpleNamespace:
+    """The flags of `argv` (sys.argv[1:] when None); a bad flag exits 2 (agpt_jax/cli.py)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("input", None, "jsonl file (.jsonl, .jsonl.gz or .jsonl.zst)",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("output-prefix", None, "output path without suffix", required=True,
+                        flag_values=fv)
+    flags.DEFINE_multi_string("json-keys", ["text"], "keys to tokenize, one or more words", flag_values=fv)
+    flags.DEFINE_enum("tokenizer-type", None, TOKENIZER_TYPES, "the tokenizer's class",
+                      required=True, flag_values=fv)
+    flags.DEFINE_string("tokenizer-model", None, "SentencePiece .model or HF tokenizer.json",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("eod-token", None, "HFTokenizer: end-of-document token (default: guess)",
+                        flag_values=fv)
+    flags.DEFINE_bool("append-eod", False, "append the end-of-document id to every document",
+                      flag_values=fv)
+    flags.DEFINE_integer("workers", 1, "tokenizer processes", flag_values=fv)
+    flags.DEFINE_bool("skip-malformed", False, "report malformed lines and skip them (default: "
+                      "stop at the first one)", flag_values=fv)
+    flags.DEFINE_integer("log-interval", 10000, "documents between progress updates",
+                         flag_values=fv)
+    return cli.parse(fv, argv, __doc__, multiword=("json-keys",))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: types.SimpleNamespace) -> dict:
     """Tokenizes `args.input`; returns the summary (documents, tokens, skipped, seconds, tokens_per_s)."""
     if not os.path.isfile(args.input):
         raise DataError(f"--input {args.input!r} does not exist")

@@ -12,13 +12,16 @@ field, an --out that is a folder or in a folder that does not exist); 1 writing 
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import re
 import sys
 from collections.abc import Sequence
+
+from absl import flags
+
+from agpt_jax import cli
 
 HEADER = """# Reliability: faults and bad input
 
@@ -119,10 +122,11 @@ def render(records: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", required=True, help="folder of the tests' JSON records")
-    p.add_argument("--out", default="docs/reliability.md", help="markdown file to write")
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("results", None, "folder of the tests' JSON records", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("out", "docs/reliability.md", "markdown file to write", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     try:
         text = render(load_records(args.results))
     except ValueError as e:

@@ -428,7 +428,7 @@ def test_other_entry_points_bad_input_catalogue(work, capsys):
         main = _main_of(case.entry)
         try:
             rc = main(list(case.argv))
-        except SystemExit as e:  # argparse
+        except SystemExit as e:  # a bad flag (agpt_jax/cli.py)
             rc = e.code
         captured = capsys.readouterr()
         message = _check(case, rc, captured.err)
