@@ -39,7 +39,6 @@ order PHASES runs them.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import dataclasses
@@ -57,7 +56,9 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from agpt_jax import hostmem
+from absl import flags
+
+from agpt_jax import cli, hostmem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -721,13 +722,12 @@ def prepare_out(out: str, overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--out", required=True, help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="shorter runs (a smoke test, ~1 min)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's --out")
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "folder for everything the demo writes", required=True,
+                        flag_values=fv)
+    flags.DEFINE_bool("quick", False, "shorter runs (a smoke test, ~1 min)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an earlier demo's --out", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     sizes = QUICK if args.quick else FULL
     try:
         prepare_out(args.out, args.overwrite)

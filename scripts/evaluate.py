@@ -32,18 +32,19 @@ naming it); 1 a failure while running (jax cannot start the platform, writing --
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from agpt_jax import hostmem
+from agpt_jax import cli, hostmem
 from agpt_jax.evaluate import (
     DTYPES,
     SPLITS,
@@ -89,47 +90,58 @@ def read_token_rows(path: str, vocab: int) -> np.ndarray:
     return tokens.astype(np.int32)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or cpt.py --save folder")
-    p.add_argument("--data-file-list", default=None, help="DATA_FILE_LIST to evaluate on")
-    p.add_argument("--split", default="valid", choices=SPLITS, help="samples to evaluate")
-    p.add_argument("--tokens", default=None, help=".npy int [rows, length] to compute logits of")
-    p.add_argument("--save-logits", default=None, help=".npy to write the logits to (--tokens)")
-    p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per sample (default: the checkpoint's seq_length)")
-    p.add_argument("--global-batch-size", type=int, default=8, help="Megatron --global-batch-size")
-    p.add_argument("--eval-iters", type=int, default=10, help="batches evaluated (not for all)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per compiled call (default: --global-batch-size)")
-    p.add_argument("--seed", type=int, default=1234, help="Megatron --seed of the blend")
-    p.add_argument("--data-split", default="990,10,0",
-                   help="Megatron --split ratios (default: the run configs' 990,10,0)")
-    p.add_argument("--train-iters", type=int, default=1, help="the run's --train-iters (blend)")
-    p.add_argument("--eval-interval", type=int, default=100,
-                   help="the run's --eval-interval (default: the recipes' 100)")
-    p.add_argument("--shuffle-sample-in-corpus", action=argparse.BooleanOptionalAction,
-                   default=True, help="Megatron's in-corpus shuffle, as the run used it (default: "
-                   "on, as the recipes and AuroraGPT's launcher)")
-    p.add_argument("--blend-sample-in-corpus", action=argparse.BooleanOptionalAction,
-                   default=False, help="Megatron's in-corpus blend, as the run used it")
-    p.add_argument("--max-samples", type=int, default=None, help="--split all: samples per file")
-    p.add_argument("--data-cache-path", default=None, help="sample index cache folder")
-    p.add_argument("--mesh", default="", help="mesh axes, e.g. 'data=1,fsdp=-1,tensor=1'")
-    p.add_argument("--platform", default="auto", choices=("auto", "xpu", "cpu"))
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+# agpt_jax.runtime.PLATFORMS, spelled out: importing agpt_jax.runtime imports jax, which --help,
+# the flag checks and agpt_jax.hostmem's re-exec must not (tests/test_evaluate.py compares them).
+PLATFORMS = ("auto", "xpu", "cpu")
+
+
+# agpt_jax.runtime.PLATFORMS, spelled out: agpt_jax.runtime imports jax, which this script imports
+# only to evaluate, not for --help or its flag checks (tests/test_evaluate.py compares the two).
+PLATFORMS = ("auto", "xpu", "cpu")
+
+
+def parse_args(argv: Sequence[str] | None) -> types.SimpleNamespace:
+    """The flags of `argv` (sys.argv[1:] when None); a bad flag exits 2 (agpt_jax/cli.py)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "checkpoint dir or cpt.py --save folder",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("data-file-list", None, "DATA_FILE_LIST to evaluate on", flag_values=fv)
+    flags.DEFINE_enum("split", "valid", SPLITS, "samples to evaluate", flag_values=fv)
+    flags.DEFINE_string("tokens", None, ".npy int [rows, length] to compute logits of",
+                        flag_values=fv)
+    flags.DEFINE_string("save-logits", None, ".npy to write the logits to (--tokens)",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", None, DTYPES, "compute dtype (default: the checkpoint's)",
+                      flag_values=fv)
+    flags.DEFINE_integer("seq-length", None, "tokens per sample (default: the checkpoint's "
+                         "seq_length)", flag_values=fv)
+    flags.DEFINE_integer("global-batch-size", 8, "Megatron --global-batch-size", flag_values=fv)
+    flags.DEFINE_integer("eval-iters", 10, "batches evaluated (not for all)", flag_values=fv)
+    flags.DEFINE_integer("batch-size", None, "rows per compiled call (default: "
+                         "--global-batch-size)", flag_values=fv)
+    flags.DEFINE_integer("seed", 1234, "Megatron --seed of the blend", flag_values=fv)
+    flags.DEFINE_string("data-split", "990,10,0", "Megatron --split ratios (the run configs')",
+                        flag_values=fv)
+    flags.DEFINE_integer("train-iters", 1, "the run's --train-iters (blend)", flag_values=fv)
+    flags.DEFINE_integer("eval-interval", 100, "the run's --eval-interval (the recipes')",
+                         flag_values=fv)
+    flags.DEFINE_bool("shuffle-sample-in-corpus", True, "Megatron's in-corpus shuffle, as the run "
+                      "used it (on, as the recipes and AuroraGPT's launcher)", flag_values=fv)
+    flags.DEFINE_bool("blend-sample-in-corpus", False, "Megatron's in-corpus blend, as the run "
+                      "used it", flag_values=fv)
+    flags.DEFINE_integer("max-samples", None, "--split all: samples per file", flag_values=fv)
+    flags.DEFINE_string("data-cache-path", None, "sample index cache folder", flag_values=fv)
+    flags.DEFINE_string("mesh", "", "mesh axes, e.g. 'data=1,fsdp=-1,tensor=1'", flag_values=fv)
+    flags.DEFINE_enum("platform", "auto", PLATFORMS, "platform to start", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the results to this JSON file", flag_values=fv)
+    return cli.parse(fv, argv, __doc__)
 
 
 class RunFailedError(RuntimeError):
     """A failure while evaluating (not the input's fault): the platform, a failed write."""
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: types.SimpleNamespace) -> None:
     if args.data_file_list is None and args.tokens is None:
         raise EvaluateError("pass --data-file-list (loss per corpus) or --tokens (logits)")
     if (args.tokens is None) != (args.save_logits is None):
@@ -150,7 +162,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvaluateError(f"{flag} {path}: {problem}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: types.SimpleNamespace) -> dict[str, Any]:
     """Evaluate as the flags say; print the results; return them as a JSON-ready dict."""
     from agpt_jax import runtime
 

@@ -6,7 +6,8 @@ ZeRO stage 1 on CPU (gloo, one local process per data-parallel rank), saves with
 `engine.save_checkpoint(save_dir, client_state=...)` and the client state Megatron-DeepSpeed passes
 (megatron/checkpointing.py `save_checkpoint`; spec/zero-shards.md §2), then runs DeepSpeed's own
 `python -m deepspeed.checkpoint.ds_to_universal` on each checkpoint and keeps its output where it
-works. It rewrites tests/fixtures/zero_<case>/ and tests/fixtures/zero_README.md:
+works. It rewrites tests/fixtures/zero_<case>/ and tests/fixtures/zero_README.md (or those of the
+folder given as its one argument):
 
     pip install deepspeed==0.16.9          # in the Python 3.11 environment that has torch
     pip install --no-deps --target DS0163 deepspeed==0.16.3
@@ -54,7 +55,6 @@ only make sense together, and splitting them would spread one fixture recipe ove
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
@@ -65,6 +65,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from absl import flags
+
+from agpt_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -696,17 +700,20 @@ def write_readme(out_root: str, results: list[dict], versions: dict) -> str:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", nargs="?", default=os.path.join(REPO, "tests", "fixtures"),
-                        help="folder that gets zero_<case>/ and zero_README.md")
-    parser.add_argument("--case", action="append", choices=sorted(CASES),
-                        help="only these cases (default: all)")
-    parser.add_argument("--old-deepspeed", metavar="DIR",
-                        help="a --target install of deepspeed==0.16.3 (for dp8_fp32_ds0163)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--save", help=argparse.SUPPRESS)
-    a = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_enum("case", None, sorted(CASES), "only these cases (repeatable; default: "
+                            "all)", flag_values=fv)
+    flags.DEFINE_string("old-deepspeed", None, "DIR: a --target install of deepspeed==0.16.3 (for "
+                        "dp8_fp32_ds0163)", flag_values=fv)
+    flags.DEFINE_string("worker", None, "internal: the case a training process runs",
+                        flag_values=fv)
+    flags.DEFINE_string("save", None, "internal: that process's save folder", flag_values=fv)
+    a, rest = cli.parse_args(fv, argv, __doc__)
+    if len(rest) > 1:
+        print(f"error: one folder to write into, got {rest}", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    a.out = rest[0] if rest else os.path.join(REPO, "tests", "fixtures")
     if a.worker:
         worker(a.worker, a.save)
         return
@@ -719,7 +726,7 @@ def main() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     work = tempfile.mkdtemp(prefix="zero_fixtures_")
     standin = write_megatron_standin(os.path.join(work, "standin"))
-    sys.path.insert(0, standin)
+    sys.path.insert(0, standin)  # inspect_case's torch.load unpickles args.model_type, its enum
     results = []
     names = a.case or [n for n in CASES if a.old_deepspeed or not CASES[n].get("deepspeed")]
     for name in names:

@@ -19,7 +19,6 @@ docs/testing.md records the latest table.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -28,6 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import flags
+
+from agpt_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,14 +211,14 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this mutation (repeatable)")
-    p.add_argument("--full", action="store_true", help="the whole suite per mutation")
-    p.add_argument("--list", action="store_true", help="list the mutations and exit")
-    p.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per mutation")
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_string("only", [], "a mutation to run, by name (repeatable; default: all)",
+                              flag_values=fv)
+    flags.DEFINE_bool("full", False, "the whole suite per mutation", flag_values=fv)
+    flags.DEFINE_bool("list", False, "list the mutations and exit", flag_values=fv)
+    flags.DEFINE_integer("workers", 2, "pytest-xdist workers", short_name="n", flag_values=fv)
+    flags.DEFINE_integer("timeout", 1800, "seconds per mutation", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     names = {m.name for m in MUTATIONS}
     unknown = sorted(set(args.only) - names)
     if unknown:

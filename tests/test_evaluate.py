@@ -239,6 +239,13 @@ def test_bad_input_is_one_clear_line(work, run_dir, file_list, capsys, case):
     assert not os.path.exists(work / "x.npy")
 
 
+def test_platform_names_are_the_runtimes():
+    """scripts/evaluate.py spells out the platforms to stay jax-free at import."""
+    from agpt_jax import runtime
+
+    assert evaluate.PLATFORMS == runtime.PLATFORMS
+
+
 @pytest.mark.parametrize("mesh_spec", ["", "data=2,fsdp=2,tensor=2"])
 def test_eval_step_needs_no_optimizer_and_equals_the_trainers(run_dir, monkeypatch, mesh_spec):
     """agpt_jax.evaluate compiles training's eval step for the params alone: with the optimizer
