@@ -126,28 +126,14 @@ def _copy(x: jax.Array) -> jax.Array:
     return x.copy()  # a new buffer with x's sharding (jit keeps it), owned by XLA
 
 
-def _owned(leaves: list, rt: Runtime) -> list:
-    """`leaves`, in buffers XLA owns, so that they can be donated.
+def _place(rt: Runtime):
+    """What the restore applies to each restored leaf so that it can be donated.
 
     Where the platform asks for it (Capabilities.copy_restored_before_donating: the CPU
-    client), each leaf is copied and its original dropped before the next one is copied: the
-    list is the only reference the caller kept, so the peak stays one state plus one leaf.
+    client), each leaf is copied into a buffer XLA owns right after it is read, and the restored
+    one dropped before the next group is read: the peak stays one state plus about one leaf.
     """
-    if rt.capabilities.copy_restored_before_donating:
-        for i in range(len(leaves)):
-            leaves[i] = _copy(leaves[i])
-    return leaves
-
-
-def _assemble(trainer: train_lib.CompiledTrainer, rt: Runtime, restored: list,
-              sched_count: int, step: int) -> train_lib.TrainState:
-    """trainer.assemble on `restored` = [params, (adam count, mu, nu) or None], made safe to
-    donate first (`_owned`). The list is emptied: the caller passes its last references."""
-    leaves, treedef = jax.tree.flatten(tuple(restored))
-    restored.clear()
-    params, adam = jax.tree.unflatten(treedef, _owned(leaves, rt))
-    del leaves
-    return trainer.assemble(params, adam, sched_count, step)
+    return _copy if rt.capabilities.copy_restored_before_donating else None
 
 
 @dataclasses.dataclass
@@ -166,14 +152,15 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
     # Restored arrays land in their sharded layout (the abstract targets carry the shardings)
     # and `assemble` donates them into the TrainState: nothing is initialised to be overwritten.
-    newest = ckptr.restore_newest(trainer.abstract_state.params, _adam_target(trainer))
+    newest = ckptr.restore_newest(trainer.abstract_state.params, _adam_target(trainer),
+                                  _place(rt))
     if newest is not None:
         latest, r = newest
         logging.info("resuming from %s", ckptr.step_dir(latest))
         p = r.progress
-        restored = [r.params, (r.adam["count"], r.adam["mu"], r.adam["nu"])]
-        r.params = r.adam = None  # `restored` holds the only references
-        state = _assemble(trainer, rt, restored, p.schedule_count, p.iteration)
+        adam = (r.adam["count"], r.adam["mu"], r.adam["nu"])
+        params, r.params, r.adam = r.params, None, None  # the locals hold the only references
+        state = trainer.assemble(params, adam, p.schedule_count, p.iteration)
         source_meta = {k: v for k, v in r.metadata.items() if k != "run_config"}
         return Start(state, p, r.data_state, source_meta, True)
     zero_tokens = {c: 0 for c in corpora}
@@ -186,19 +173,20 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     meta = checkpoint.read_metadata(directory)
     src_progress = checkpoint.read_progress(directory)
     logging.info("loading %s", directory)
-    params = checkpoint.restore_params(directory, trainer.abstract_state.params)
-    adam = None  # fresh moments and step 0
+    targets = {checkpoint.ITEM_PARAMS: trainer.abstract_state.params}
     if cfg.checkpoint.load_optimizer_state:
         if checkpoint.has_adam(directory):
-            a = checkpoint.restore_adam(directory, _adam_target(trainer))
-            adam = (a["count"], a["mu"], a["nu"])
-            logging.info("loaded Adam moments and step %d (Megatron's universal load does, "
-                         "spec §2.6)", int(np.asarray(a["count"])))
-            del a
+            targets[checkpoint.ITEM_ADAM] = _adam_target(trainer)
         else:
             logging.warning("%s has no Adam state; starting fresh moments", directory)
     else:
         logging.info("load_optimizer_state=False: fresh Adam moments and step 0")
+    restored = checkpoint.restore_arrays(directory, targets, _place(rt))
+    params, adam = restored.pop(checkpoint.ITEM_PARAMS), restored.pop(checkpoint.ITEM_ADAM, None)
+    if adam is not None:
+        logging.info("loaded Adam moments and step %d (Megatron's universal load does, "
+                     "spec §2.6)", int(np.asarray(adam["count"])))
+        adam = (adam["count"], adam["mu"], adam["nu"])  # else fresh moments and step 0
     start_iter = 0
     if not cfg.checkpoint.reset_iteration:
         start_iter = src_progress.iteration if src_progress else int(meta.get("iteration") or 0)
@@ -209,8 +197,6 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     if cfg.recipe == "cooldown" and src_progress is not None:
         # The branch continues its source's data stream.
         data_start = src_progress.data_start_iteration + src_progress.iteration
-    restored = [params, adam]
-    del params, adam  # `restored` holds the only references
-    state = _assemble(trainer, rt, restored, start_iter, start_iter)
+    state = trainer.assemble(params, adam, start_iter, start_iter)
     progress = checkpoint.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
     return Start(state, progress, None, meta, False)

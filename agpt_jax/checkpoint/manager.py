@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -190,30 +191,33 @@ class RunCheckpointer:
                 "again")
             raise self._failed from e
 
-    def restore(self, step: int, params_target: PyTree, adam_target: dict[str, PyTree]) -> Restored:
+    def restore(self, step: int, params_target: PyTree, adam_target: dict[str, PyTree],
+                place: Callable[[jax.Array], jax.Array] | None = None) -> Restored:
         """Restores every item of `step` into the targets' shardings.
+
+        The JSON items come back in one composite restore, the arrays through
+        `layout.restore_arrays` (a few leaves at a time, each passed through `place`).
 
         Args:
             step: a step from `latest_step`.
             params_target, adam_target: trees of jax.ShapeDtypeStruct with `sharding=`.
+            place: applied to every restored array (see `layout.restore_arrays`).
         """
-        args = ocp.args.Composite(**{
-            layout.ITEM_PARAMS: ocp.args.PyTreeRestore(
-                item=params_target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(params_target)),
-            layout.ITEM_ADAM: ocp.args.PyTreeRestore(
-                item=adam_target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(adam_target)),
+        out = self._manager.restore(step, args=ocp.args.Composite(**{
             ITEM_TRAIN: ocp.args.JsonRestore(),
             ITEM_DATA: ocp.args.JsonRestore(),
             layout.ITEM_METADATA: ocp.args.JsonRestore(),
-        })
-        out = self._manager.restore(step, args=args)
-        return Restored(params=out[layout.ITEM_PARAMS], adam=out[layout.ITEM_ADAM],
-                        progress=TrainProgress.from_json(dict(out[ITEM_TRAIN])),
-                        data_state=dict(out[ITEM_DATA]), metadata=dict(out[layout.ITEM_METADATA]))
+        }))
+        progress = TrainProgress.from_json(dict(out[ITEM_TRAIN]))
+        arrays = layout.restore_arrays(
+            self.step_dir(step), {layout.ITEM_PARAMS: params_target, layout.ITEM_ADAM: adam_target},
+            place)
+        return Restored(params=arrays[layout.ITEM_PARAMS], adam=arrays[layout.ITEM_ADAM],
+                        progress=progress, data_state=dict(out[ITEM_DATA]),
+                        metadata=dict(out[layout.ITEM_METADATA]))
 
-    def restore_newest(self, params_target: PyTree, adam_target: dict[str, PyTree]
+    def restore_newest(self, params_target: PyTree, adam_target: dict[str, PyTree],
+                       place: Callable[[jax.Array], jax.Array] | None = None
                        ) -> tuple[int, Restored] | None:
         """Restores the newest step that reads back completely, skipping damaged ones.
 
@@ -223,7 +227,7 @@ class RunCheckpointer:
         and the previous step is tried.
 
         Args:
-            params_target, adam_target: as for `restore`.
+            params_target, adam_target, place: as for `restore`.
 
         Returns:
             (step, restored), or None when the run directory has no checkpoint.
@@ -235,7 +239,7 @@ class RunCheckpointer:
         damaged = []
         for step in steps:
             try:
-                return step, self.restore(step, params_target, adam_target)
+                return step, self.restore(step, params_target, adam_target, place)
             except Exception as e:  # noqa: BLE001 - Orbax, tensorstore and JSON errors alike
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 logging.warning("checkpoint %s is damaged and is skipped (%s); moved to %s.damaged"

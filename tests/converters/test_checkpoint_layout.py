@@ -93,3 +93,47 @@ def test_resolve_errors(tmp_path):
     run.mkdir(parents=True)
     with pytest.raises(checkpoint.CheckpointError, match="only unfinished saves"):
         checkpoint.resolve_checkpoint_dir(str(tmp_path / "run"))
+
+
+def _save_step(d, params, adam):
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(d, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
+                                              adam=ocp.args.PyTreeSave(adam)))
+
+
+def test_restore_arrays_a_few_leaves_at_a_time_equals_the_saved_tree(tmp_path):
+    import jax
+
+    rng = np.random.default_rng(2)
+    params = {"embed": {"embedding": rng.standard_normal((64, 16)).astype(np.float32)},
+              "layers": {"q": rng.standard_normal((4, 16, 8)).astype(np.float32),
+                         "norm": rng.standard_normal((4, 16)).astype(np.float32)},
+              "final_norm": rng.standard_normal((16,)).astype(np.float32)}
+    adam = {"mu": jax.tree.map(lambda x: x * 0.5, params), "nu": jax.tree.map(np.square, params),
+            "count": np.int32(7)}
+    d = str(tmp_path / "step")
+    _save_step(d, params, adam)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+
+    def target(x):
+        spec = jax.sharding.PartitionSpec("fsdp") if x.ndim and x.shape[0] % 2 == 0 else (
+            jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    placed = []
+    out = checkpoint.restore_arrays(
+        d, {"params": jax.tree.map(target, params), "adam": jax.tree.map(target, adam)},
+        place=lambda a: placed.append(a.shape) or a * 1)
+    assert len(placed) == len(jax.tree.leaves(params)) * 3 + 1  # params, mu, nu, count
+    for want, got in zip(jax.tree.leaves((params, adam)), jax.tree.leaves((out["params"], out["adam"]))):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert out["params"]["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    assert jax.tree.structure(out["adam"]) == jax.tree.structure(adam)
+
+    # A target whose leaves are not the stored ones is refused by name (a partial restore alone
+    # would read the common leaves and say nothing).
+    fewer = {k: v for k, v in params.items() if k != "final_norm"}
+    fewer["extra"] = params["final_norm"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing: extra; not in the model: final_norm"):
+        checkpoint.restore_arrays(d, {"params": jax.tree.map(target, fewer)})
