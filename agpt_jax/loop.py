@@ -223,7 +223,7 @@ def _train(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
     def save(wait: bool) -> str:
         adam_count, mu, nu = optim.adam_state(state.opt_state)
         progress = checkpoint.TrainProgress(
-            iteration=it, schedule_count=sched, rng=p.rng, consumed_samples=consumed,
+            iteration=it, schedule_count=sched, consumed_samples=consumed,
             data_start_iteration=p.data_start_iteration,
             consumed_tokens_per_corpus=dict(tokens_per_corpus), skipped_in_a_row=in_a_row,
             skipped_total=skipped_total, last_lr=last_lr)

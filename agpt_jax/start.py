@@ -1,7 +1,7 @@
 """Where a run starts, and what each of its checkpoints records.
 
   1. SAVE holds a complete checkpoint: resume from the newest (params, Adam, schedule position,
-     iteration, data iterator, rng), continuing exactly as an uninterrupted run would.
+     iteration, data iterator), continuing exactly as an uninterrupted run would.
   2. Else LOAD is set (an agpt-jax checkpoint; a universal LOAD was converted at the checkpoint
      border, converters/load.py, before the run): Megatron's `--universal-checkpoint --finetune`
      (spec §2.6): params and, with `load_optimizer_state`, Adam moments and step from LOAD;
@@ -148,8 +148,6 @@ class Start:
 def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTrainer,
                   ckptr: checkpoint.RunCheckpointer, corpora: list[str],
                   source: str | None = None) -> Start:
-    rng = jax.random.PRNGKey(cfg.data.seed)
-    rng_list = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
     # Restored arrays land in their sharded layout (the abstract targets carry the shardings)
     # and `assemble` donates them into the TrainState: nothing is initialised to be overwritten.
     newest = ckptr.restore_newest(trainer.abstract_state.params, _adam_target(trainer),
@@ -166,8 +164,8 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
     zero_tokens = {c: 0 for c in corpora}
     if not cfg.checkpoint.load:
         logging.info("random init from seed %d", cfg.data.seed)
-        progress = checkpoint.TrainProgress(0, 0, rng_list, 0, 0, zero_tokens)
-        return Start(trainer.init(rng), progress, None, {}, False)
+        progress = checkpoint.TrainProgress(0, 0, 0, 0, zero_tokens)
+        return Start(trainer.init(jax.random.PRNGKey(cfg.data.seed)), progress, None, {}, False)
 
     directory = source or check_source(cfg, rt)
     meta = checkpoint.read_metadata(directory)
@@ -198,5 +196,5 @@ def initial_state(cfg: RunConfig, rt: Runtime, trainer: train_lib.CompiledTraine
         # The branch continues its source's data stream.
         data_start = src_progress.data_start_iteration + src_progress.iteration
     state = trainer.assemble(params, adam, start_iter, start_iter)
-    progress = checkpoint.TrainProgress(start_iter, start_iter, rng_list, 0, data_start, zero_tokens)
+    progress = checkpoint.TrainProgress(start_iter, start_iter, 0, data_start, zero_tokens)
     return Start(state, progress, None, meta, False)

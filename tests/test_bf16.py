@@ -283,7 +283,7 @@ def _save_run(run: str, params: dict, cfg: model_lib.GPTConfig) -> dict:
     meta = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "iteration": 7,
             "adam_step": 7, "has_optimizer_state": True, "model": dataclasses.asdict(cfg),
             "original_vocab_size": V, "padded_vocab_size": VPAD, "param_groups": groups}
-    progress = checkpoint.TrainProgress(iteration=7, schedule_count=7, rng=[0, 1],
+    progress = checkpoint.TrainProgress(iteration=7, schedule_count=7,
                                       consumed_samples=0, data_start_iteration=0,
                                       consumed_tokens_per_corpus={})
     ckpt = checkpoint.RunCheckpointer(run, keep=1, async_save=False)

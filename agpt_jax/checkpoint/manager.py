@@ -4,7 +4,7 @@
                read a run's step directory like a converted checkpoint)
     adam/      PyTree: {"mu", "nu", "count"}: Adam moments and step (torch's exp_avg, exp_avg_sq,
                step)
-    train/     JSON: TrainProgress (iteration, schedule count, rng, consumed samples and tokens per
+    train/     JSON: TrainProgress (iteration, schedule count, consumed samples and tokens per
                corpus, skipped updates, the last LR)
     data/      JSON: the batch iterator state (agpt_jax.data.BatchIterator.get_state)
     metadata/  JSON: agpt-jax metadata (format, model, param_groups, iteration, adam_step, the
@@ -56,6 +56,9 @@ def _root_os_error(err: BaseException) -> BaseException:
     return err
 
 
+_RETIRED_FIELDS = ("rng",)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainProgress:
     """Host-side run state saved with every checkpoint (the `train` item).
@@ -63,7 +66,6 @@ class TrainProgress:
     Attributes:
         iteration: iterations completed in this run (the step number of the checkpoint).
         schedule_count: the optax count the LR schedule reads for the next update.
-        rng: the run's base PRNG key data (uint32 list).
         consumed_samples: global samples consumed by this run.
         data_start_iteration: the first data batch of the run (a cooldown branch continues its
             source's stream).
@@ -75,7 +77,6 @@ class TrainProgress:
 
     iteration: int
     schedule_count: int
-    rng: list[int]
     consumed_samples: int
     data_start_iteration: int
     consumed_tokens_per_corpus: dict[str, int]
@@ -86,6 +87,9 @@ class TrainProgress:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainProgress:
         fields = {f.name for f in dataclasses.fields(cls)}
+        # Earlier versions also stored the base PRNG key, which nothing read: the params are
+        # in the checkpoint and the data order is the data state's.
+        d = {k: v for k, v in d.items() if k not in _RETIRED_FIELDS}
         unknown = sorted(set(d) - fields)
         if unknown:
             raise layout.CheckpointError(f"train item has unknown fields {unknown}; it was written by "

@@ -137,3 +137,14 @@ def test_restore_arrays_a_few_leaves_at_a_time_equals_the_saved_tree(tmp_path):
     fewer["extra"] = params["final_norm"]
     with pytest.raises(checkpoint.CheckpointError, match=r"missing: extra; not in the model: final_norm"):
         checkpoint.restore_arrays(d, {"params": jax.tree.map(target, fewer)})
+
+
+def test_train_item_of_an_earlier_version_still_reads():
+    # Earlier versions stored the base PRNG key too (never read back): it is accepted and
+    # dropped; a field no version wrote is refused.
+    fields = {"iteration": 4, "schedule_count": 4, "consumed_samples": 64,
+              "data_start_iteration": 0, "consumed_tokens_per_corpus": {"web": 8192}}
+    p = checkpoint.TrainProgress.from_json({**fields, "rng": [0, 42]})
+    assert p == checkpoint.TrainProgress(**fields)
+    with pytest.raises(checkpoint.CheckpointError, match=r"unknown fields \['seed'\]"):
+        checkpoint.TrainProgress.from_json({**fields, "seed": 1})
