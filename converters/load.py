@@ -34,7 +34,7 @@ from agpt_jax import config as config_lib
 from agpt_jax import checkpoint
 from agpt_jax import start
 from agpt_jax.config import ConfigError, RunConfig
-from converters import universal as uv
+from converters import universal
 from converters import zero
 
 #: The conversion of a universal LOAD inside the run directory.
@@ -46,10 +46,10 @@ SOURCE_RECORD = "source.json"
 def is_universal(path: str) -> bool:
     """Whether `path` is a DeepSpeed universal checkpoint: a root with latest_universal, or a
     global_stepN_universal folder (mp_rank_00_model_states.pt and zero/)."""
-    if os.path.isfile(os.path.join(path, uv.LATEST_UNIVERSAL)):
+    if os.path.isfile(os.path.join(path, universal.LATEST_UNIVERSAL)):
         return True
-    return os.path.isfile(os.path.join(path, uv.MODEL_STATES)) and os.path.isdir(
-        os.path.join(path, uv.ZERO))
+    return os.path.isfile(os.path.join(path, universal.MODEL_STATES)) and os.path.isdir(
+        os.path.join(path, universal.ZERO))
 
 
 def is_zero(path: str) -> bool:
@@ -76,7 +76,7 @@ def fingerprint(load: str, optimizer_state: bool) -> dict:
     file's name, size and modification time (sha256 of those), and whether Adam state is
     converted. The folder's key names its kind: universal_folder or zero_folder."""
     if is_universal(load):
-        key, folder = "universal_folder", uv.resolve_universal_dir(load)
+        key, folder = "universal_folder", universal.resolve_universal_dir(load)
     else:
         key, folder = "zero_folder", zero.resolve_zero_dir(load)
     digest = hashlib.sha256()
@@ -173,8 +173,8 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
     if not load:
         return cfg
     _check_kind(cfg)
-    universal = is_universal(load)
-    if not universal and not is_zero(load):
+    from_universal = is_universal(load)
+    if not from_universal and not is_zero(load):
         return cfg
     if dry_run:
         return cfg
@@ -183,7 +183,7 @@ def prepare(cfg: RunConfig, rt, *, dry_run: bool = False) -> RunConfig:
     if not resuming:
         start.check_inputs(cfg)  # bad data changes no file, not even the conversion
         # A checkpoint of another model size fails here, before anything is written.
-        found = (uv.open_universal(load).config if universal
+        found = (universal.open_universal(load).config if from_universal
                  else zero.read_model_states(zero.resolve_zero_dir(load)).config)
         config_lib.check_model(cfg, found, load)
         if rt.is_main_process:

@@ -22,7 +22,7 @@ from absl import flags
 
 from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import ConversionError, run_cli, write_atomically
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -64,21 +64,21 @@ def hf_tensors(reader: checkpoint.PyTreeItemReader,
                config: GPTConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, [out, in] weight) pairs, one layer at a time (HF Linear layout is Megatron's)."""
     h, d, nq, nkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
-    yield "model.embed_tokens.weight", reader.read(ml.EMBED)
+    yield "model.embed_tokens.weight", reader.read(megatron_layout.EMBED)
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        q = reader.read(ml.ATTN_Q, i)  # [H, nq, D]
+        q = reader.read(megatron_layout.ATTN_Q, i)  # [H, nq, D]
         yield p + "self_attn.q_proj.weight", q.reshape(h, nq * d).T
-        yield p + "self_attn.k_proj.weight", reader.read(ml.ATTN_K, i).reshape(h, nkv * d).T
-        yield p + "self_attn.v_proj.weight", reader.read(ml.ATTN_V, i).reshape(h, nkv * d).T
-        yield p + "self_attn.o_proj.weight", reader.read(ml.ATTN_O, i).reshape(nq * d, h).T
-        yield p + "mlp.gate_proj.weight", reader.read(ml.MLP_GATE, i).T
-        yield p + "mlp.up_proj.weight", reader.read(ml.MLP_UP, i).T
-        yield p + "mlp.down_proj.weight", reader.read(ml.MLP_DOWN, i).T
-        yield p + "input_layernorm.weight", reader.read(ml.ATTN_NORM, i)
-        yield p + "post_attention_layernorm.weight", reader.read(ml.MLP_NORM, i)
-    yield "model.norm.weight", reader.read(ml.FINAL_NORM)
-    yield "lm_head.weight", reader.read(ml.LM_HEAD).T
+        yield p + "self_attn.k_proj.weight", reader.read(megatron_layout.ATTN_K, i).reshape(h, nkv * d).T
+        yield p + "self_attn.v_proj.weight", reader.read(megatron_layout.ATTN_V, i).reshape(h, nkv * d).T
+        yield p + "self_attn.o_proj.weight", reader.read(megatron_layout.ATTN_O, i).reshape(nq * d, h).T
+        yield p + "mlp.gate_proj.weight", reader.read(megatron_layout.MLP_GATE, i).T
+        yield p + "mlp.up_proj.weight", reader.read(megatron_layout.MLP_UP, i).T
+        yield p + "mlp.down_proj.weight", reader.read(megatron_layout.MLP_DOWN, i).T
+        yield p + "input_layernorm.weight", reader.read(megatron_layout.ATTN_NORM, i)
+        yield p + "post_attention_layernorm.weight", reader.read(megatron_layout.MLP_NORM, i)
+    yield "model.norm.weight", reader.read(megatron_layout.FINAL_NORM)
+    yield "lm_head.weight", reader.read(megatron_layout.LM_HEAD).T
 
 
 def _copy_tokenizer(path: str, dst: str) -> None:
@@ -111,7 +111,7 @@ def convert(src: str, dst: str, tokenizer: str | None = None, dtype: str = "floa
     directory = checkpoint.resolve_checkpoint_dir(src)
     config = checkpoint.model_config(directory)
     reader = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_PARAMS))
-    for path, shape in ml.flax_shapes(config).items():
+    for path, shape in megatron_layout.flax_shapes(config).items():
         if path not in reader.paths or reader.shape(path) != shape:
             raise checkpoint.CheckpointError(f"{reader.item_dir}: leaf {checkpoint.leaf_key(path)!r} missing or "
                                      f"not of shape {shape}")

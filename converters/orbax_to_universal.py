@@ -41,16 +41,16 @@ from absl import flags, logging
 
 from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import pt_archive
-from converters import universal as uv
+from converters import universal
 from converters import run_cli, write_atomically
 
 # ds_version written when the source never came from DeepSpeed (the version of spec §7).
 DEFAULT_DS_VERSION = "0.16.9"
 CHECKPOINT_VERSION = 3.0
 
-TensorSource = Callable[[ml.MegatronTensor, str], np.ndarray]
+TensorSource = Callable[[megatron_layout.MegatronTensor, str], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ class UniversalContents:
     """
 
     config: GPTConfig
-    scheme: ml.NameScheme
+    scheme: megatron_layout.NameScheme
     iteration: int
     step: float
     param_groups: list[dict[str, Any]]
@@ -97,9 +97,9 @@ def _torch_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def default_universal_info(config: GPTConfig, scheme: ml.NameScheme) -> dict[str, Any]:
+def default_universal_info(config: GPTConfig, scheme: megatron_layout.NameScheme) -> dict[str, Any]:
     """universal_checkpoint_info as Megatron-DeepSpeed's GPT model builds it (TP=1, spec §3.2)."""
-    if scheme is ml.NameScheme.MODULE:
+    if scheme is megatron_layout.NameScheme.MODULE:
         vocab = ["language_model.embedding.word_embeddings.weight",
                  "language_model.output_layer.weight"]
         sub2 = [r"language_model.encoder.layers.\d+.mlp.dense_h_to_4h.weight"]
@@ -112,7 +112,7 @@ def default_universal_info(config: GPTConfig, scheme: ml.NameScheme) -> dict[str
             "parameter_with_2_sub_params_cat_dim_0": sub2}
 
 
-def _param_shapes(config: GPTConfig, tensors: list[ml.MegatronTensor]) -> list[Any]:
+def _param_shapes(config: GPTConfig, tensors: list[megatron_layout.MegatronTensor]) -> list[Any]:
     """DeepSpeed's param_shapes: per param group, name -> torch.Size (Megatron's group order:
     weight-decayed 2-D weights first, then the 1-D norms, spec §2.4)."""
     decayed = collections.OrderedDict((t.name, pt_archive.TorchSize(t.shape)) for t in tensors
@@ -122,7 +122,7 @@ def _param_shapes(config: GPTConfig, tensors: list[ml.MegatronTensor]) -> list[A
     return [decayed, plain]
 
 
-def _state_dict_for(t: ml.MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[str, Any]:
+def _state_dict_for(t: megatron_layout.MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[str, Any]:
     """One {fp32,exp_avg,exp_avg_sq}.pt dict with ds_to_universal's keys and flags."""
     if tuple(w.shape) != t.shape:
         raise ValueError(f"{t.name}: shape {w.shape}, expected {t.shape}")
@@ -136,23 +136,23 @@ def _state_dict_for(t: ml.MegatronTensor, w: np.ndarray, config: GPTConfig) -> d
     return out
 
 
-def _module_tree(folder: str, tensors: list[ml.MegatronTensor], config: GPTConfig) -> dict:
+def _module_tree(folder: str, tensors: list[megatron_layout.MegatronTensor], config: GPTConfig) -> dict:
     """Megatron's nested `module` state dict (non-pipeline, spec §3.2), read back memory-mapped
     from the fp32.pt files just written, vocabulary tensors padded to V_pad with zero rows."""
     lm: dict[str, Any] = {"embedding": {"word_embeddings": {}}, "encoder": {},
                           "output_layer": {}}
     for t in tensors:
         p = _written_param(folder, t, config)
-        if t.kind is ml.Kind.EMBEDDING:
+        if t.kind is megatron_layout.Kind.EMBEDDING:
             lm["embedding"]["word_embeddings"]["weight"] = p
-        elif t.kind is ml.Kind.OUTPUT:
+        elif t.kind is megatron_layout.Kind.OUTPUT:
             lm["output_layer"]["weight"] = p
         else:
             lm["encoder"][t.name[len("language_model.encoder."):]] = p
     return {"language_model": lm}
 
 
-def _write_pipeline_layers(folder: str, tensors: list[ml.MegatronTensor],
+def _write_pipeline_layers(folder: str, tensors: list[megatron_layout.MegatronTensor],
                            config: GPTConfig) -> None:
     """DeepSpeed PipelineModule's per-layer files `layer_{idx:02d}-model_00-model_states.pt`."""
     by_layer: dict[int, dict[str, Any]] = collections.defaultdict(collections.OrderedDict)
@@ -163,9 +163,9 @@ def _write_pipeline_layers(folder: str, tensors: list[ml.MegatronTensor],
         pt_archive.save(sd, os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt"))
 
 
-def _written_param(folder: str, t: ml.MegatronTensor, config: GPTConfig) -> np.ndarray:
+def _written_param(folder: str, t: megatron_layout.MegatronTensor, config: GPTConfig) -> np.ndarray:
     """A tensor's fp32.pt as just written (memory-mapped), vocabulary rows padded to V_pad."""
-    p = pt_archive.load(os.path.join(folder, uv.ZERO, t.name, "fp32.pt"))["param"]
+    p = pt_archive.load(os.path.join(folder, universal.ZERO, t.name, "fp32.pt"))["param"]
     if t.is_vocab:
         p = np.concatenate([p, np.zeros((config.padded_vocab_size - p.shape[0], p.shape[1]),
                                         p.dtype)])
@@ -191,15 +191,15 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
     cfg = contents.config
     tag = f"global_step{contents.iteration}_universal"
     folder = os.path.join(root, tag)
-    zero = os.path.join(folder, uv.ZERO)
+    zero = os.path.join(folder, universal.ZERO)
     os.makedirs(zero)
-    tensors = ml.megatron_tensors(cfg, contents.scheme)
+    tensors = megatron_layout.megatron_tensors(cfg, contents.scheme)
     step = np.array(contents.step, np.float32)
     for t in tqdm(tensors, desc="orbax->universal", unit="tensor",
                   disable=None if progress else True):
         pdir = os.path.join(zero, t.name)
         os.makedirs(pdir)
-        for state in uv.STATE_FILES:
+        for state in universal.STATE_FILES:
             pt_archive.save(_state_dict_for(t, source(t, state), cfg),
                             os.path.join(pdir, f"{state}.pt"))
         pt_archive.save(step, os.path.join(pdir, "step.pt"))
@@ -208,7 +208,7 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
                            if not _is_foreign(v)}
     opt.setdefault("ds_version", DEFAULT_DS_VERSION)  # DeepSpeed asserts it is present
     opt["param_groups"] = _torch_param_groups(contents.param_groups)
-    pt_archive.save(opt, os.path.join(zero, uv.OPTIMIZER_STATE))
+    pt_archive.save(opt, os.path.join(zero, universal.OPTIMIZER_STATE))
 
     args = argparse.Namespace(**{k: v for k, v in contents.args.items() if not _is_foreign(v)})
     info = dict(contents.universal_info) or default_universal_info(cfg, contents.scheme)
@@ -229,13 +229,13 @@ def write_universal(root: str, contents: UniversalContents, source: TensorSource
         "iteration": contents.iteration,
         "universal_checkpoint_info": info,
     })
-    if contents.scheme is ml.NameScheme.MODULE:
+    if contents.scheme is megatron_layout.NameScheme.MODULE:
         states["module"] = _module_tree(folder, tensors, cfg)
     else:
         states["module"] = None
         _write_pipeline_layers(folder, tensors, cfg)
-    pt_archive.save(states, os.path.join(folder, uv.MODEL_STATES))
-    with open(os.path.join(root, uv.LATEST_UNIVERSAL), "w") as f:
+    pt_archive.save(states, os.path.join(folder, universal.MODEL_STATES))
+    with open(os.path.join(root, universal.LATEST_UNIVERSAL), "w") as f:
         f.write(tag)
     return folder
 
@@ -280,7 +280,7 @@ def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
                            step: float) -> UniversalContents:
     """UniversalContents from agpt-jax metadata: what universal_to_orbax recorded of the source
     and, for a training run's step, the run's own settings (`run_config`, `last_lr`)."""
-    scheme = ml.NameScheme(meta.get("name_scheme", ml.NameScheme.MODULE.value))
+    scheme = megatron_layout.NameScheme(meta.get("name_scheme", megatron_layout.NameScheme.MODULE.value))
     iteration = int(meta.get("iteration") or 0)
     run = meta.get("run_config")
     groups = meta.get("param_groups")
@@ -294,11 +294,11 @@ def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
         groups = run_param_groups(run, float(lr or 0.0), groups)
     # Model-shape args always come from the model config, so a checkpoint whose metadata lacks
     # them (e.g. trained from scratch) still exports as one Megatron can load.
-    args.update(ml.megatron_model_args(config))
+    args.update(megatron_layout.megatron_model_args(config))
     args.setdefault("max_position_embeddings", config.seq_length)
     args.setdefault("tensor_model_parallel_size", config.tensor_parallel_for_padding)
     if not groups:
-        raise uv.UniversalCheckpointError(
+        raise universal.UniversalCheckpointError(
             "checkpoint metadata has no 'param_groups'; DeepSpeed needs them in "
             "zero/optimizer_state.pt (the training driver must record its optimizer's groups)")
     return UniversalContents(
@@ -318,7 +318,7 @@ def convert(src: str, dst: str, progress: bool = True) -> str:
     params = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_PARAMS))
     adam = checkpoint.PyTreeItemReader(os.path.join(directory, checkpoint.ITEM_ADAM)) if checkpoint.has_adam(
         directory) else None
-    shapes = ml.flax_shapes(config)
+    shapes = megatron_layout.flax_shapes(config)
     for path, shape in shapes.items():
         if path not in params.paths:
             raise checkpoint.CheckpointError(f"{params.item_dir}: no leaf {checkpoint.leaf_key(path)!r}")
@@ -334,16 +334,16 @@ def convert(src: str, dst: str, progress: bool = True) -> str:
         step = float(count)
     contents = contents_from_metadata(meta, config, step)
 
-    def source(t: ml.MegatronTensor, state: str) -> np.ndarray:
+    def source(t: megatron_layout.MegatronTensor, state: str) -> np.ndarray:
         if state != "fp32" and adam is None:
             return np.zeros(t.shape, np.float32)
         reader, prefix = (params, ()) if state == "fp32" else (
             adam, ("mu",) if state == "exp_avg" else ("nu",))
         parts = {}
-        for path in ml.flax_paths_of(t.kind):
-            index = t.layer if ml.is_stacked(path) else None
+        for path in megatron_layout.flax_paths_of(t.kind):
+            index = t.layer if megatron_layout.is_stacked(path) else None
             parts[path] = reader.read(prefix + path, index).astype(np.float32, copy=False)
-        return ml.from_flax(t, parts, config)
+        return megatron_layout.from_flax(t, parts, config)
 
     write_atomically(dst, lambda tmp: write_universal(tmp, contents, source, progress))
     return os.path.abspath(dst)

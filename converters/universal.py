@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from agpt_jax.model import GPTConfig, vocab_size_with_padding
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import pt_archive
 from converters.pt_archive import PickledObject, TorchDtype
 
@@ -269,7 +269,7 @@ class SourceCheckpoint:
     """
 
     folder: str
-    scheme: ml.NameScheme
+    scheme: megatron_layout.NameScheme
     config: GPTConfig
     args: dict[str, Any]
     iteration: int
@@ -277,7 +277,7 @@ class SourceCheckpoint:
     universal_info: dict[str, Any]
     optimizer_state: dict[str, Any]
     param_groups: list[dict[str, Any]]
-    tensors: list[ml.MegatronTensor]
+    tensors: list[megatron_layout.MegatronTensor]
     model_states_extra: dict[str, Any]
 
 
@@ -299,7 +299,7 @@ class UniversalCheckpoint(SourceCheckpoint):
                                            f"{sorted(values)[:4]}")
         return values.pop()
 
-    def read(self, t: ml.MegatronTensor, state: str) -> np.ndarray:
+    def read(self, t: megatron_layout.MegatronTensor, state: str) -> np.ndarray:
         """One full Megatron tensor, fp32 numpy, vocab tensors zero-padded to V_pad rows.
 
         Args:
@@ -311,7 +311,7 @@ class UniversalCheckpoint(SourceCheckpoint):
         return validate_state_dict(obj, t, self.config, path)
 
 
-def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
+def validate_state_dict(obj: Any, t: megatron_layout.MegatronTensor, config: GPTConfig,
                         path: str) -> np.ndarray:
     """Check one universal state dict against the expected tensor and return it as numpy."""
     if not isinstance(obj, Mapping) or "param" not in obj:
@@ -342,7 +342,7 @@ def validate_state_dict(obj: Any, t: ml.MegatronTensor, config: GPTConfig,
                                        "expected 2 for dense_h_to_4h")
     w = param
     if t.is_vocab:
-        w = ml.pad_vocab_rows(w, config.padded_vocab_size)
+        w = megatron_layout.pad_vocab_rows(w, config.padded_vocab_size)
     return w
 
 
@@ -412,8 +412,8 @@ def open_universal(path: str, expected: GPTConfig | None = None) -> UniversalChe
 
     zero = os.path.join(folder, ZERO)
     names = {n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))}
-    scheme = ml.detect_scheme(names, zero)
-    tensors = ml.megatron_tensors(config, scheme)
+    scheme = megatron_layout.detect_scheme(names, zero)
+    tensors = megatron_layout.megatron_tensors(config, scheme)
     expected_names = {t.name for t in tensors}
     missing = [t.name for t in tensors if t.name not in names]
     if missing:

@@ -28,9 +28,9 @@ from absl import flags, logging
 
 from agpt_jax import checkpoint, cli
 from agpt_jax.model import GPTConfig, get_preset
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import pt_archive
-from converters import universal as uv
+from converters import universal
 from converters import write_atomically, run_cli, ConversionError
 
 
@@ -88,7 +88,7 @@ def _saved_lr(groups: list[dict]) -> float | None:
     return float(lrs[0]) if lrs else None
 
 
-def build_metadata(ckpt: uv.SourceCheckpoint, step: float | None,
+def build_metadata(ckpt: universal.SourceCheckpoint, step: float | None,
                    created_by: str = "converters.universal_to_orbax") -> dict:
     """The agpt-jax metadata of a converted checkpoint (all JSON-safe).
 
@@ -110,18 +110,18 @@ def build_metadata(ckpt: uv.SourceCheckpoint, step: float | None,
         "original_vocab_size": cfg.vocab_size,
         "padded_vocab_size": cfg.padded_vocab_size,
         "name_scheme": ckpt.scheme.value,
-        "param_groups": uv.to_jsonable(ckpt.param_groups),
+        "param_groups": universal.to_jsonable(ckpt.param_groups),
         "last_lr": _saved_lr(ckpt.param_groups),
-        "megatron_args": uv.to_jsonable(ckpt.args),
-        "checkpoint_version": uv.to_jsonable(ckpt.checkpoint_version),
-        "universal_checkpoint_info": uv.to_jsonable(ckpt.universal_info),
-        "zero_optimizer_state": uv.to_jsonable(ckpt.optimizer_state),
+        "megatron_args": universal.to_jsonable(ckpt.args),
+        "checkpoint_version": universal.to_jsonable(ckpt.checkpoint_version),
+        "universal_checkpoint_info": universal.to_jsonable(ckpt.universal_info),
+        "zero_optimizer_state": universal.to_jsonable(ckpt.optimizer_state),
         "megatron_model_states": ckpt.model_states_extra,
     }
 
 
 #: (Megatron tensor, DeepSpeed state, its full fp32 value with V_pad rows for vocab tensors).
-Tensors = Iterable[tuple[ml.MegatronTensor, str, np.ndarray]]
+Tensors = Iterable[tuple[megatron_layout.MegatronTensor, str, np.ndarray]]
 
 
 def write_checkpoint(dst: str, cfg: GPTConfig, step: float | None, tensors: Callable[[], Tensors],
@@ -142,14 +142,14 @@ def write_checkpoint(dst: str, cfg: GPTConfig, step: float | None, tensors: Call
     """
     plan = state_plan(step is not None)
     items = {state: (prefix, item) for state, prefix, item in plan}
-    shapes = ml.flax_shapes(cfg)
+    shapes = megatron_layout.flax_shapes(cfg)
 
     def write(tmp: str) -> None:
         writers = {item: checkpoint.PyTreeItemWriter(os.path.join(tmp, item), max_inflight_bytes)
                    for item in {p[2] for p in plan}}
         for _, prefix, item in plan:
             for path, shape in shapes.items():
-                writers[item].create(prefix + path, shape, np.float32, stacked=ml.is_stacked(path))
+                writers[item].create(prefix + path, shape, np.float32, stacked=megatron_layout.is_stacked(path))
         if step is not None:
             writers[checkpoint.ITEM_ADAM].create(("count",), (), np.int32)
             writers[checkpoint.ITEM_ADAM].write(("count",), np.int32(step))
@@ -161,9 +161,9 @@ def write_checkpoint(dst: str, cfg: GPTConfig, step: float | None, tensors: Call
                     if current is not None:
                         writers[current].drain()
                     current = item
-                rows = writers[item].chunk_rows(prefix + ml.LM_HEAD)
-                for path, start, part in ml.to_flax_rows(t, w, cfg, rows):
-                    index = t.layer if ml.is_stacked(path) else None
+                rows = writers[item].chunk_rows(prefix + megatron_layout.LM_HEAD)
+                for path, start, part in megatron_layout.to_flax_rows(t, w, cfg, rows):
+                    index = t.layer if megatron_layout.is_stacked(path) else None
                     writers[item].write(prefix + path, part, index, start)
             for writer in writers.values():
                 writer.finalize()
@@ -194,18 +194,18 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
     from tqdm import tqdm
 
     init_ns = time.time_ns()
-    ckpt = uv.open_universal(src, options.expected_config)
+    ckpt = universal.open_universal(src, options.expected_config)
     cfg = ckpt.config
     step = ckpt.read_step() if options.optimizer_state else None
     if step is not None and step != int(step):
-        raise uv.UniversalCheckpointError(f"{ckpt.folder}: step.pt holds {step}, not a whole "
+        raise universal.UniversalCheckpointError(f"{ckpt.folder}: step.pt holds {step}, not a whole "
                                           "number of Adam steps")
     plan = state_plan(options.optimizer_state)
     files = [(t, state) for state, _, _ in plan for t in ckpt.tensors]  # state by state
     for t, state in files:  # fail before writing anything when a file is missing
         path = os.path.join(ckpt.param_dir(t.name), f"{state}.pt")
         if not os.path.isfile(path):
-            raise uv.UniversalCheckpointError(f"{path}: missing")
+            raise universal.UniversalCheckpointError(f"{path}: missing")
     sizes = [os.path.getsize(os.path.join(ckpt.param_dir(t.name), f"{s}.pt")) for t, s in files]
     logging.info("converting %s (%d tensors, %.2f GB) -> %s", ckpt.folder, len(files),
                  sum(sizes) / 1e9, dst)

@@ -34,9 +34,9 @@ import numpy as np
 from absl import logging
 
 from agpt_jax.model import GPTConfig
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import pt_archive
-from converters import universal as uv
+from converters import universal
 from converters.zero_files import (LATEST, STATES, GroupLayout, RankState, ZeroCheckpointError,
                                    same_as_rank0, group_layout, is_zero_dir, load_file,
                                    rank_files, read_rank, resolve_zero_dir)
@@ -64,7 +64,7 @@ def _module_tensor(module: Any, name: str) -> Any:
 
 
 @dataclasses.dataclass
-class ZeroCheckpoint(uv.SourceCheckpoint):
+class ZeroCheckpoint(universal.SourceCheckpoint):
     """An opened, checked ZeRO checkpoint; the tensors are read by `stream`.
 
     Beyond `universal.SourceCheckpoint` (whose `optimizer_state` is what ds_to_universal writes
@@ -82,7 +82,7 @@ class ZeroCheckpoint(uv.SourceCheckpoint):
     first: RankState | None = dataclasses.field(default=None, repr=False)
 
     def stream(self, states: Sequence[str] = STATES
-               ) -> Iterator[tuple[ml.MegatronTensor, dict[str, np.ndarray]]]:
+               ) -> Iterator[tuple[megatron_layout.MegatronTensor, dict[str, np.ndarray]]]:
         """Every parameter once, as soon as its last fragment is read: (tensor, {state: full
         Megatron value}); vocab tensors keep all V_pad rows. Checks the values (§11.7)."""
         by_name = {t.name: t for t in self.tensors}
@@ -122,7 +122,7 @@ class ZeroCheckpoint(uv.SourceCheckpoint):
             raise ZeroCheckpointError(f"{self.folder}: parameters {left[:3]} were not complete "
                                       "after the last rank")
 
-    def _checked(self, t: ml.MegatronTensor, values: dict[str, np.ndarray],
+    def _checked(self, t: megatron_layout.MegatronTensor, values: dict[str, np.ndarray],
                  path: str) -> dict[str, np.ndarray]:
         """§11.7: finite values, exp_avg_sq >= 0, module weight == fp32 master cast to its dtype."""
         for k, v in values.items():
@@ -163,7 +163,7 @@ def _param_shapes(states: Mapping[str, Any], where: str) -> list[dict[str, tuple
     return [{str(k): tuple(int(x) for x in v) for k, v in g.items()} for g in shapes]
 
 
-def _check_shapes(shapes: list[dict[str, tuple[int, ...]]], tensors: list[ml.MegatronTensor],
+def _check_shapes(shapes: list[dict[str, tuple[int, ...]]], tensors: list[megatron_layout.MegatronTensor],
                   where: str, against: str) -> None:
     want = {t.name: t.shape for t in tensors}
     have: dict[str, tuple[int, ...]] = {}
@@ -191,38 +191,38 @@ class ModelStates:
     states: Mapping[str, Any]
     args: dict[str, Any]
     shapes: list[dict[str, tuple[int, ...]]]
-    scheme: ml.NameScheme
+    scheme: megatron_layout.NameScheme
     config: GPTConfig
 
 
 def read_model_states(folder: str, expected: GPTConfig | None = None) -> ModelStates:
     """mp_rank_00_model_states.pt and the model its args describe (checked against `expected`
     and against its param_shapes)."""
-    path = os.path.join(folder, uv.MODEL_STATES)
+    path = os.path.join(folder, universal.MODEL_STATES)
     states = load_file(path)
     if not isinstance(states, Mapping):
         raise ZeroCheckpointError(f"{path}: expected a dict, found {type(states).__name__}")
     try:
-        args = uv.model_states_args(states, path)
+        args = universal.model_states_args(states, path)
         info = states.get("universal_checkpoint_info")
         if not isinstance(info, Mapping):
             raise ZeroCheckpointError(f"{path}: field 'universal_checkpoint_info' is missing "
                                       "(written by Megatron-DeepSpeed's save_checkpoint)")
-        config = uv.config_from_args(args, info, path)
-    except uv.UniversalCheckpointError as e:
+        config = universal.config_from_args(args, info, path)
+    except universal.UniversalCheckpointError as e:
         raise ZeroCheckpointError(str(e)) from None
     shapes = _param_shapes(states, path)
     try:
-        scheme = ml.detect_scheme([n for g in shapes for n in g], path)
+        scheme = megatron_layout.detect_scheme([n for g in shapes for n in g], path)
     except ValueError as e:
         raise ZeroCheckpointError(str(e)) from None
     if expected is not None:
-        _check_shapes(shapes, ml.megatron_tensors(expected, scheme), path, "--model-config")
-        diffs = uv.config_mismatches(expected, config)
+        _check_shapes(shapes, megatron_layout.megatron_tensors(expected, scheme), path, "--model-config")
+        diffs = universal.config_mismatches(expected, config)
         if diffs:
             raise ZeroCheckpointError(f"{path}: the given model config does not match the "
                                       "checkpoint's args: " + "; ".join(diffs))
-    _check_shapes(shapes, ml.megatron_tensors(config, scheme), path, "the model of its args")
+    _check_shapes(shapes, megatron_layout.megatron_tensors(config, scheme), path, "the model of its args")
     if not isinstance(states.get("iteration"), int):
         raise ZeroCheckpointError(f"{path}: field 'iteration' is missing")
     return ModelStates(states, args, shapes, scheme, config)
@@ -270,6 +270,6 @@ def open_zero(path: str, expected: GPTConfig | None = None) -> ZeroCheckpoint:
         folder=folder, scheme=ms.scheme, config=ms.config, args=ms.args,
         iteration=ms.states["iteration"], checkpoint_version=ms.states.get("checkpoint_version"),
         universal_info=dict(ms.states["universal_checkpoint_info"]), optimizer_state=opt,
-        param_groups=first.param_groups, tensors=ml.megatron_tensors(ms.config, ms.scheme),
-        model_states_extra=uv.model_states_extra(ms.states), step=step, writer=first.writer,
+        param_groups=first.param_groups, tensors=megatron_layout.megatron_tensors(ms.config, ms.scheme),
+        model_states_extra=universal.model_states_extra(ms.states), step=step, writer=first.writer,
         layouts=layouts, rank_paths=paths, module=ms.states.get("module"), first=first)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from converters import pt_archive
-from converters import universal as uv
+from converters import universal
 
 LATEST = "latest"
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -293,10 +293,10 @@ def same_as_rank0(rank: RankState, first: RankState) -> None:
     checks = [("the optimizer class", rank.writer, first.writer),
               ("zero_stage", rank.zero_stage, first.zero_stage),
               ("ds_version", rank.top.get("ds_version"), first.top.get("ds_version")),
-              ("ds_config", uv.to_jsonable(rank.top.get("ds_config")),
-               uv.to_jsonable(first.top.get("ds_config"))),
-              ("param_groups", uv.to_jsonable(rank.param_groups),
-               uv.to_jsonable(first.param_groups))]
+              ("ds_config", universal.to_jsonable(rank.top.get("ds_config")),
+               universal.to_jsonable(first.top.get("ds_config"))),
+              ("param_groups", universal.to_jsonable(rank.param_groups),
+               universal.to_jsonable(first.param_groups))]
     for what, a, b in checks:
         if a != b:
             raise ZeroCheckpointError(f"{rank.path}: {what} differs from rank 0's ({a!r} vs "

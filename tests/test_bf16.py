@@ -29,7 +29,7 @@ import pytest
 from agpt_jax import checkpoint
 from agpt_jax import model as model_lib
 from converters import orbax_to_hf, orbax_to_universal, universal_to_orbax
-from converters import universal as uv
+from converters import universal
 from torch_reference import torch, transformers
 
 pytestmark = pytest.mark.torch
@@ -310,7 +310,7 @@ def test_bf16_exports_round_trip(param_dtype, bf16_hf_weights, tokens, torch_log
     """
     from safetensors.numpy import load_file
 
-    from converters import megatron_layout as ml
+    from converters import megatron_layout
 
     cfg = CFG.replace(param_dtype=param_dtype)
     params = _flax_from_hf(bf16_hf_weights) if param_dtype == "bfloat16" else _fp32_source_params()
@@ -343,9 +343,9 @@ def test_bf16_exports_round_trip(param_dtype, bf16_hf_weights, tokens, torch_log
     # Orbax -> universal: fp32 masters, module = master cast to the module's dtype.
     uni = str(tmp_path / "universal")
     assert orbax_to_universal.main(["--load", run, "--save", uni]) == 0
-    folder = uv.resolve_universal_dir(uni)
+    folder = universal.resolve_universal_dir(uni)
     masters = {}
-    for t in ml.megatron_tensors(cfg, ml.NameScheme.MODULE):
+    for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE):
         sd = torch.load(os.path.join(folder, "zero", t.name, "fp32.pt"), weights_only=True)
         assert sd["param"].dtype == torch.float32, t.name
         masters[t.name] = sd["param"]

@@ -24,9 +24,9 @@ import pytest
 
 from agpt_jax import checkpoint
 from agpt_jax import model as model_lib
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
-from converters import universal as uv
+from converters import universal
 from torch_reference import llama_config, torch, transformers
 
 # tests/converters/universal_writer.py (not on this folder's import path): its with_shape.
@@ -71,15 +71,15 @@ def _random_params(cfg: model_lib.GPTConfig, seed: int) -> dict[tuple[str, ...],
     """Random agpt-jax params with O(1) activations: kernels N(0, 1/fan_in), norms 1 + N(0, 0.1)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for path, shape in ml.flax_shapes(cfg).items():
+    for path, shape in megatron_layout.flax_shapes(cfg).items():
         if path[-1] == "scale":
             w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif path == ml.EMBED:
+        elif path == megatron_layout.EMBED:
             w = rng.standard_normal(shape)
         else:
             # fan-in: H for q/k/v/gate/up/lm_head, nq * D for o, F for down
-            fan_in = {ml.ATTN_O: cfg.num_heads * cfg.head_dim,
-                      ml.MLP_DOWN: cfg.ffn_hidden_size}.get(path, cfg.hidden_size)
+            fan_in = {megatron_layout.ATTN_O: cfg.num_heads * cfg.head_dim,
+                      megatron_layout.MLP_DOWN: cfg.ffn_hidden_size}.get(path, cfg.hidden_size)
             w = rng.standard_normal(shape) / np.sqrt(fan_in)
         out[path] = w.astype(np.float32)
     return out
@@ -117,8 +117,8 @@ def test_logits_match_hf_llama_at_32_over_8_heads():
     # the check above is sensitive to the query -> kv grouping.
     perm = np.arange(NQ).reshape(NKV, G).T.reshape(-1)  # head h -> position of h in a %-grouping
     wrong = dict(flat)
-    wrong[ml.ATTN_Q] = flat[ml.ATTN_Q][:, :, perm]
-    wrong[ml.ATTN_O] = flat[ml.ATTN_O][:, perm]
+    wrong[megatron_layout.ATTN_Q] = flat[megatron_layout.ATTN_Q][:, :, perm]
+    wrong[megatron_layout.ATTN_O] = flat[megatron_layout.ATTN_O][:, perm]
     bad = np.asarray(model_lib.GPT(CFG).apply({"params": _nest(wrong)},
                                               jnp.asarray(tokens, jnp.int32)))
     assert np.abs(bad - ref).max() > 1e-2
@@ -155,7 +155,7 @@ def test_orbax_qkv_are_numpy_slices_of_the_fused_matrix(g4_universal):
         fused = fx["megatron"][f"language_model.encoder.layers.{i}.self_attention."
                                "query_key_value.weight"]
         assert fused.shape == ((NQ + 2 * NKV) * D, h)
-        q, k, v = (params.read(p, i) for p in (ml.ATTN_Q, ml.ATTN_K, ml.ATTN_V))
+        q, k, v = (params.read(p, i) for p in (megatron_layout.ATTN_Q, megatron_layout.ATTN_K, megatron_layout.ATTN_V))
         assert q.shape == (h, NQ, D) and k.shape == v.shape == (h, NKV, D)
         block = (G + 2) * D
         for j in range(NKV):
@@ -176,11 +176,11 @@ def test_universal_orbax_universal_is_bit_exact_at_g4(g4_universal):
     _, fx, orbax, work = g4_universal
     back = str(work / "back")
     orbax_to_universal.convert(orbax, back, progress=False)
-    folder = uv.resolve_universal_dir(back)
+    folder = universal.resolve_universal_dir(back)
     for name, w in fx["megatron"].items():
         m, v = fx["moments"][name]
         for state, want in (("fp32", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            got = pt_archive.load(os.path.join(folder, uv.ZERO, name, f"{state}.pt"))["param"]
+            got = pt_archive.load(os.path.join(folder, universal.ZERO, name, f"{state}.pt"))["param"]
             np.testing.assert_array_equal(got, want, err_msg=f"{name}/{state}")
 
 

@@ -23,9 +23,9 @@ import pytest
 
 from agpt_jax import checkpoint
 from agpt_jax.model import GPTConfig
-from converters import megatron_layout as ml
+from converters import megatron_layout
 from converters import orbax_to_universal, pt_archive, universal_to_orbax
-from converters import universal as uv
+from converters import universal
 from universal_writer import with_shape
 
 TILE = 256
@@ -52,7 +52,7 @@ def test_fixture_dimensions_span_more_than_two_ragged_tiles():
     """The sizes used below really exercise the tile loop: > 2 tiles, ragged last tile."""
     for n in (HIDDEN, FFN, VOCAB, _config(25).padded_vocab_size, (NUM_HEADS + 2 * 25) * HEAD_DIM):
         assert n > 2 * TILE and n % TILE, n
-    assert ml._TILE == TILE
+    assert megatron_layout._TILE == TILE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,17 +66,17 @@ def test_transposed_equals_numpy_transpose(shape, dtype):
     """transposed(w) == np.transpose(w) element for element, C-contiguous, same dtype."""
     rng = np.random.default_rng(sum(shape))
     w = (rng.standard_normal(shape) * 1000).astype(dtype)
-    out = ml.transposed(w)
+    out = megatron_layout.transposed(w)
     assert out.shape == shape[::-1] and out.dtype == w.dtype and out.flags.c_contiguous
     np.testing.assert_array_equal(out, np.transpose(w))
-    np.testing.assert_array_equal(ml.transposed(out), w)
+    np.testing.assert_array_equal(megatron_layout.transposed(out), w)
 
 
 def test_transposed_of_a_strided_view():
     """A non-contiguous source (a column slice of a wider matrix) transposes like numpy's."""
     w = _random(np.random.default_rng(1), 900, 1700)[:, 3:1700:2]
     assert not w.flags.c_contiguous
-    np.testing.assert_array_equal(ml.transposed(w), w.T)
+    np.testing.assert_array_equal(megatron_layout.transposed(w), w.T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,14 +110,14 @@ def test_split_qkv_matches_spec_row_groups(g):
     nkv = NUM_HEADS // g
     cfg = _config(nkv)
     rows = (NUM_HEADS + 2 * nkv) * HEAD_DIM  # 2400, 1600, 1200
-    assert ml.megatron_shape(ml.Kind.QKV, cfg) == (rows, HIDDEN)
+    assert megatron_layout.megatron_shape(megatron_layout.Kind.QKV, cfg) == (rows, HIDDEN)
     w = _random(np.random.default_rng(g), rows, HIDDEN)
-    q, k, v = ml.split_qkv(w, cfg)
+    q, k, v = megatron_layout.split_qkv(w, cfg)
     rq, rk, rv = _reference_split_qkv(w, NUM_HEADS, nkv, HEAD_DIM)
     np.testing.assert_array_equal(q, rq)
     np.testing.assert_array_equal(k, rk)
     np.testing.assert_array_equal(v, rv)
-    np.testing.assert_array_equal(ml.fuse_qkv(q, k, v, cfg), w)
+    np.testing.assert_array_equal(megatron_layout.fuse_qkv(q, k, v, cfg), w)
 
 
 @pytest.mark.parametrize("g", [1, 2, 4])
@@ -127,7 +127,7 @@ def test_fuse_qkv_then_split_is_identity(g):
     cfg = _config(nkv)
     rng = np.random.default_rng(10 + g)
     q, k, v = (_random(rng, HIDDEN, n, HEAD_DIM) for n in (NUM_HEADS, nkv, nkv))
-    fused = ml.fuse_qkv(q, k, v, cfg)
+    fused = megatron_layout.fuse_qkv(q, k, v, cfg)
     assert fused.shape == ((NUM_HEADS + 2 * nkv) * HEAD_DIM, HIDDEN)
     # Query head h sits in kv group h // g (spec §4.2: "Query head h uses kv head h // g").
     d, block = HEAD_DIM, (g + 2) * HEAD_DIM
@@ -137,7 +137,7 @@ def test_fuse_qkv_then_split_is_identity(g):
     for j in (0, nkv // 2, nkv - 1):
         np.testing.assert_array_equal(fused[j * block + g * d: j * block + (g + 1) * d], k[:, j].T)
         np.testing.assert_array_equal(fused[j * block + (g + 1) * d: (j + 1) * block], v[:, j].T)
-    for got, want in zip(ml.split_qkv(fused, cfg), (q, k, v)):
+    for got, want in zip(megatron_layout.split_qkv(fused, cfg), (q, k, v)):
         np.testing.assert_array_equal(got, want)
 
 
@@ -145,26 +145,26 @@ def test_fuse_qkv_then_split_is_identity(g):
 # Every tensor kind through to_flax / from_flax (spec §4.1, §4.3)
 
 
-def _reference_to_flax(kind: ml.Kind, w: np.ndarray, cfg: GPTConfig) -> dict:
+def _reference_to_flax(kind: megatron_layout.Kind, w: np.ndarray, cfg: GPTConfig) -> dict:
     """agpt-jax arrays of one Megatron tensor by spec §4.1 (y = x @ W.T, W [out, in]) and §4.3
     ("rows 0..F-1 of dense_h_to_4h are the gate (silu applied) and rows F..2F-1 are up")."""
     f, d, nq, h = cfg.ffn_hidden_size, cfg.head_dim, cfg.num_heads, cfg.hidden_size
-    if kind is ml.Kind.QKV:
+    if kind is megatron_layout.Kind.QKV:
         q, k, v = _reference_split_qkv(w, nq, cfg.num_kv_heads, d)
-        return {ml.ATTN_Q: q, ml.ATTN_K: k, ml.ATTN_V: v}
-    if kind is ml.Kind.H_TO_4H:
-        return {ml.MLP_GATE: np.transpose(w[:f]), ml.MLP_UP: np.transpose(w[f:2 * f])}
-    if kind is ml.Kind.DENSE:
+        return {megatron_layout.ATTN_Q: q, megatron_layout.ATTN_K: k, megatron_layout.ATTN_V: v}
+    if kind is megatron_layout.Kind.H_TO_4H:
+        return {megatron_layout.MLP_GATE: np.transpose(w[:f]), megatron_layout.MLP_UP: np.transpose(w[f:2 * f])}
+    if kind is megatron_layout.Kind.DENSE:
         # o[head, e, x] = W[x, head * D + e]: the input columns of o_proj are head-major.
         o = np.empty((nq, d, h), w.dtype)
         for head in range(nq):
             o[head] = w[:, head * d:(head + 1) * d].T
-        return {ml.ATTN_O: o}
-    if kind is ml.Kind.FOURH_TO_H:
-        return {ml.MLP_DOWN: np.transpose(w)}
-    if kind is ml.Kind.OUTPUT:
-        return {ml.LM_HEAD: np.transpose(w)}
-    return {ml.flax_paths_of(kind)[0]: w}  # embedding ([V_pad, H] rows are tokens) and norms
+        return {megatron_layout.ATTN_O: o}
+    if kind is megatron_layout.Kind.FOURH_TO_H:
+        return {megatron_layout.MLP_DOWN: np.transpose(w)}
+    if kind is megatron_layout.Kind.OUTPUT:
+        return {megatron_layout.LM_HEAD: np.transpose(w)}
+    return {megatron_layout.flax_paths_of(kind)[0]: w}  # embedding ([V_pad, H] rows are tokens) and norms
 
 
 @pytest.mark.parametrize("g", [1, 4])
@@ -172,17 +172,17 @@ def test_every_kind_to_flax_matches_reference_and_round_trips(g):
     """to_flax == the numpy reference for every Megatron tensor kind; from_flax inverts it."""
     cfg = _config(NUM_HEADS // g)
     rng = np.random.default_rng(100 + g)
-    shapes = ml.flax_shapes(cfg)
-    for t in ml.megatron_tensors(cfg, ml.NameScheme.MODULE):
+    shapes = megatron_layout.flax_shapes(cfg)
+    for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE):
         w = _random(rng, *t.shape)
-        parts = ml.to_flax(t, w, cfg)
+        parts = megatron_layout.to_flax(t, w, cfg)
         want = _reference_to_flax(t.kind, w, cfg)
-        assert set(parts) == set(want) == set(ml.flax_paths_of(t.kind)), t.name
+        assert set(parts) == set(want) == set(megatron_layout.flax_paths_of(t.kind)), t.name
         for path, value in parts.items():
             full = shapes[path]
-            assert value.shape == (full[1:] if ml.is_stacked(path) else full), (t.name, path)
+            assert value.shape == (full[1:] if megatron_layout.is_stacked(path) else full), (t.name, path)
             np.testing.assert_array_equal(value, want[path], err_msg=f"{t.name} -> {path}")
-        back = ml.from_flax(t, parts, cfg)
+        back = megatron_layout.from_flax(t, parts, cfg)
         assert back.shape == t.shape and back.dtype == np.float32
         np.testing.assert_array_equal(back, w, err_msg=t.name)
 
@@ -198,28 +198,28 @@ def test_pad_vocab_rows_appends_zero_rows_and_unpads():
     vpad = cfg.padded_vocab_size
     assert vpad == 816
     w = _random(np.random.default_rng(7), VOCAB, HIDDEN)
-    padded = ml.pad_vocab_rows(w, vpad)
+    padded = megatron_layout.pad_vocab_rows(w, vpad)
     np.testing.assert_array_equal(padded, np.pad(w, ((0, vpad - VOCAB), (0, 0))))
     assert padded.dtype == w.dtype
-    assert ml.pad_vocab_rows(padded, vpad) is padded  # already padded: unchanged
+    assert megatron_layout.pad_vocab_rows(padded, vpad) is padded  # already padded: unchanged
     with pytest.raises(ValueError, match="more than the padded"):
-        ml.pad_vocab_rows(padded, vpad - 1)
-    for kind in (ml.Kind.EMBEDDING, ml.Kind.OUTPUT):
-        t = next(t for t in ml.megatron_tensors(cfg, ml.NameScheme.MODULE) if t.kind is kind)
+        megatron_layout.pad_vocab_rows(padded, vpad - 1)
+    for kind in (megatron_layout.Kind.EMBEDDING, megatron_layout.Kind.OUTPUT):
+        t = next(t for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE) if t.kind is kind)
         state = orbax_to_universal._state_dict_for(t, padded, cfg)
         assert state["vocab_tensor"] is True and state["cat_dim"] == 0
         np.testing.assert_array_equal(state["param"], w)
         # ... and the reader pads it back to V_pad.
-        np.testing.assert_array_equal(uv.validate_state_dict(state, t, cfg, "x"), padded)
+        np.testing.assert_array_equal(universal.validate_state_dict(state, t, cfg, "x"), padded)
 
 
 def test_output_layer_transpose_keeps_padded_columns_zero():
     """lm_head [H, V_pad] of a padded output_layer is its transpose: columns >= V are zero."""
     cfg = _config(25)
-    t = next(t for t in ml.megatron_tensors(cfg, ml.NameScheme.PIPELINE)
-             if t.kind is ml.Kind.OUTPUT)
-    w = ml.pad_vocab_rows(_random(np.random.default_rng(8), VOCAB, HIDDEN), cfg.padded_vocab_size)
-    head = ml.to_flax(t, w, cfg)[ml.LM_HEAD]
+    t = next(t for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.PIPELINE)
+             if t.kind is megatron_layout.Kind.OUTPUT)
+    w = megatron_layout.pad_vocab_rows(_random(np.random.default_rng(8), VOCAB, HIDDEN), cfg.padded_vocab_size)
+    head = megatron_layout.to_flax(t, w, cfg)[megatron_layout.LM_HEAD]
     np.testing.assert_array_equal(head, w.T)
     assert not head[:, VOCAB:].any() and head[:, :VOCAB].all()
 
@@ -251,30 +251,30 @@ def test_wide_universal_round_trip_is_bit_exact(tmp_path):
     params = checkpoint.PyTreeItemReader(os.path.join(orbax, checkpoint.ITEM_PARAMS))
     adam = checkpoint.PyTreeItemReader(os.path.join(orbax, checkpoint.ITEM_ADAM))
     pre = "language_model.encoder.layers.0."
-    np.testing.assert_array_equal(params.read(ml.MLP_DOWN, 0),
+    np.testing.assert_array_equal(params.read(megatron_layout.MLP_DOWN, 0),
                                   np.transpose(meg[pre + "mlp.dense_4h_to_h.weight"]))
     h_to_4h = meg[pre + "mlp.dense_h_to_4h.weight"]
-    np.testing.assert_array_equal(params.read(ml.MLP_GATE, 0), np.transpose(h_to_4h[:FFN]))
-    np.testing.assert_array_equal(params.read(ml.MLP_UP, 0), np.transpose(h_to_4h[FFN:]))
+    np.testing.assert_array_equal(params.read(megatron_layout.MLP_GATE, 0), np.transpose(h_to_4h[:FFN]))
+    np.testing.assert_array_equal(params.read(megatron_layout.MLP_UP, 0), np.transpose(h_to_4h[FFN:]))
     np.testing.assert_array_equal(
-        adam.read(("nu",) + ml.ATTN_O, 0),
+        adam.read(("nu",) + megatron_layout.ATTN_O, 0),
         np.transpose(moments[pre + "self_attention.dense.weight"][1]).reshape(40, 20, HIDDEN))
-    head = params.read(ml.LM_HEAD)
+    head = params.read(megatron_layout.LM_HEAD)
     np.testing.assert_array_equal(head[:, :VOCAB], np.transpose(
         meg["language_model.output_layer.weight"]))
     assert not head[:, VOCAB:].any()
-    q = params.read(ml.ATTN_Q, 0)
+    q = params.read(megatron_layout.ATTN_Q, 0)
     np.testing.assert_array_equal(q, fx["hf"]["model.layers.0.self_attn.q_proj.weight"].T
                                   .reshape(HIDDEN, 40, 20))
 
     back = str(tmp_path / "back")
     orbax_to_universal.convert(orbax, back, progress=False)
-    folder = uv.resolve_universal_dir(back)
-    assert sorted(os.listdir(os.path.join(folder, uv.ZERO))) == sorted(
-        list(meg) + [uv.OPTIMIZER_STATE])
+    folder = universal.resolve_universal_dir(back)
+    assert sorted(os.listdir(os.path.join(folder, universal.ZERO))) == sorted(
+        list(meg) + [universal.OPTIMIZER_STATE])
     for name, w in meg.items():
         m, v = moments[name]
         for state, want in (("fp32", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            got = pt_archive.load(os.path.join(folder, uv.ZERO, name, f"{state}.pt"))["param"]
+            got = pt_archive.load(os.path.join(folder, universal.ZERO, name, f"{state}.pt"))["param"]
             assert got.dtype == np.float32 and got.shape == want.shape, (name, state)
             np.testing.assert_array_equal(got, want, err_msg=f"{name}/{state}")

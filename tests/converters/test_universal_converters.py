@@ -24,7 +24,7 @@ import pytest
 
 from agpt_jax import checkpoint
 from converters import orbax_to_hf, orbax_to_universal, pt_archive, universal_to_orbax
-from converters import universal as uv
+from converters import universal
 from torch_reference import torch
 from universal_writer import (EPS, F, H, ITERATION, L, NKV, NQ, SEQ, STEP, THETA, V, VPAD,
                               fixture_tensors, hf_reference_logits, reference_tokens,
@@ -43,7 +43,7 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def universal(work):
+def universal_root(work):
     """A copy of the committed fixture, and the tensors it holds (rebuilt from their seed)."""
     root = str(work / "src")
     shutil.copytree(COMMITTED, root, ignore=shutil.ignore_patterns("reference.npz"))
@@ -57,8 +57,8 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def converted(work, universal):
-    root, _ = universal
+def converted(work, universal_root):
+    root, _ = universal_root
     dst = str(work / "orbax")
     assert universal_to_orbax.main(["--load", root, "--save", dst]) == 0
     return dst
@@ -68,12 +68,12 @@ def converted(work, universal):
 # Reader and restricted unpickler.
 
 
-def test_reader_needs_neither_megatron_nor_deepspeed(universal):
-    root, _ = universal
-    ckpt = uv.open_universal(root)
+def test_reader_needs_neither_megatron_nor_deepspeed(universal_root):
+    root, _ = universal_root
+    ckpt = universal.open_universal(root)
     assert "megatron" not in sys.modules and "deepspeed" not in sys.modules
     mt = ckpt.args["model_type"]
-    assert isinstance(mt, uv.PickledObject)
+    assert isinstance(mt, universal.PickledObject)
     assert mt.pickled_class == "megatron.core.enums.ModelType" and mt.args == (1,)
     assert str(ckpt.args["params_dtype"]) == "torch.bfloat16"
     scaler = ckpt.optimizer_state["loss_scaler"]
@@ -88,9 +88,9 @@ def test_reader_needs_neither_megatron_nor_deepspeed(universal):
         0.9, 0.95)
 
 
-def test_conversion_never_imports_torch(universal, tmp_path):
+def test_conversion_never_imports_torch(universal_root, tmp_path):
     """universal -> Orbax -> universal in a process where importing torch fails."""
-    root, _ = universal
+    root, _ = universal_root
     code = ("import sys; sys.modules['torch'] = None\n"
             "from converters import universal_to_orbax, orbax_to_universal\n"
             f"assert universal_to_orbax.main(['--load', {root!r}, '--save', {str(tmp_path / 'o')!r}]) == 0\n"
@@ -98,7 +98,7 @@ def test_conversion_never_imports_torch(universal, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.isfile(os.path.join(uv.resolve_universal_dir(str(tmp_path / "u")),
+    assert os.path.isfile(os.path.join(universal.resolve_universal_dir(str(tmp_path / "u")),
                                        "mp_rank_00_model_states.pt"))
 
 
@@ -110,7 +110,7 @@ def _zip_pickle(path: str, payload: bytes) -> None:
         zf.writestr("archive/version", "3")
 
 
-def test_malicious_pickle_is_refused_naming_file_and_global(universal, tmp_path):
+def test_malicious_pickle_is_refused_naming_file_and_global(universal_root, tmp_path):
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -118,14 +118,14 @@ def test_malicious_pickle_is_refused_naming_file_and_global(universal, tmp_path)
             return (os.system, (f"touch {marker}",))
 
     root = str(tmp_path / "src")
-    shutil.copytree(universal[0], root)
+    shutil.copytree(universal_root[0], root)
     opt_path = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
                             "optimizer_state.pt")
-    opt = uv.load_restricted(opt_path)
+    opt = universal.load_restricted(opt_path)
     _zip_pickle(opt_path, pickle.dumps({"param_groups": opt["param_groups"], "evil": Evil()},
                                        protocol=2))
-    with pytest.raises(uv.UniversalCheckpointError) as e:
-        uv.open_universal(root)
+    with pytest.raises(universal.UniversalCheckpointError) as e:
+        universal.open_universal(root)
     assert opt_path in str(e.value) and ("posix.system" in str(e.value)
                                          or "nt.system" in str(e.value))
     assert not marker.exists()
@@ -133,17 +133,17 @@ def test_malicious_pickle_is_refused_naming_file_and_global(universal, tmp_path)
     step_path = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
                              "language_model.output_layer.weight", "step.pt")
     _zip_pickle(step_path, b"\x80\x02cdeepspeed.runtime.zero\nZeroStageEnum\n)\x81.")
-    with pytest.raises(uv.UniversalCheckpointError, match="deepspeed.runtime.zero.ZeroStageEnum"):
-        uv.read_step_file(step_path)
+    with pytest.raises(universal.UniversalCheckpointError, match="deepspeed.runtime.zero.ZeroStageEnum"):
+        universal.read_step_file(step_path)
 
 
-def test_given_config_mismatches_are_all_listed(universal):
-    root, _ = universal
+def test_given_config_mismatches_are_all_listed(universal_root):
+    root, _ = universal_root
     from agpt_jax.model import get_preset
 
     given = get_preset("tiny").replace(hidden_size=128, rope_theta=10000.0)
-    with pytest.raises(uv.UniversalCheckpointError) as e:
-        uv.open_universal(root, given)
+    with pytest.raises(universal.UniversalCheckpointError) as e:
+        universal.open_universal(root, given)
     msg = str(e.value)
     assert "hidden_size: given 128, checkpoint 64" in msg and "rope_theta" in msg
     assert "norm_eps" in msg  # tiny preset has 1e-5, the checkpoint 1e-6
@@ -170,9 +170,9 @@ def test_converted_logits_match_hf(converted, reference):
     assert np.all(ours[..., V:] == 0)  # padded rows are zero after a universal load (spec §7)
 
 
-def test_converted_params_are_the_writers_tensors(universal, converted):
+def test_converted_params_are_the_writers_tensors(universal_root, converted):
     """Every Flax param equals the fixture's HF weight in Flax layout (independent numpy)."""
-    _, fx = universal
+    _, fx = universal_root
     hf, params = fx["hf"], checkpoint.restore_params(converted)
     d = H // NQ
     np.testing.assert_array_equal(params["embed"]["embedding"][:V], hf["model.embed_tokens.weight"])
@@ -195,7 +195,7 @@ def test_committed_fixture_is_the_writers_output(tmp_path, reference):
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
     fx = write_universal_fixture(fresh, seed=0)
-    a, b = uv.resolve_universal_dir(str(COMMITTED)), uv.resolve_universal_dir(fresh)
+    a, b = universal.resolve_universal_dir(str(COMMITTED)), universal.resolve_universal_dir(fresh)
     fa, fb = _load_all(a), _load_all(b)
     assert fa.keys() == fb.keys()
     for key in fa:
@@ -213,8 +213,8 @@ def test_committed_fixture_is_the_writers_output(tmp_path, reference):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_converted_metadata_and_moments(universal, converted):
-    _, fx = universal
+def test_converted_metadata_and_moments(universal_root, converted):
+    _, fx = universal_root
     meta = checkpoint.read_metadata(converted)
     assert meta["iteration"] == ITERATION and meta["adam_step"] == STEP
     assert meta["original_vocab_size"] == V and meta["padded_vocab_size"] == VPAD
@@ -247,8 +247,8 @@ def test_restore_into_sharded_arrays(converted):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_no_optimizer_state(universal, work):
-    root, _ = universal
+def test_no_optimizer_state(universal_root, work):
+    root, _ = universal_root
     dst = str(work / "noopt")
     assert universal_to_orbax.main(["--load", root, "--save", dst, "--no-optimizer-state"]) == 0
     assert not checkpoint.has_adam(dst) and checkpoint.read_metadata(dst)["adam_step"] is None
@@ -269,8 +269,8 @@ def _load_all(folder: str) -> dict:
 
 
 def _assert_same_universal(a_root: str, b_root: str) -> None:
-    a = uv.resolve_universal_dir(a_root)
-    b = uv.resolve_universal_dir(b_root)
+    a = universal.resolve_universal_dir(a_root)
+    b = universal.resolve_universal_dir(b_root)
     assert os.path.basename(a) == os.path.basename(b)
     fa, fb = _load_all(a), _load_all(b)  # every file of ours loads with weights_only=True
     assert fa.keys() == fb.keys()
@@ -284,31 +284,31 @@ def _assert_same_universal(a_root: str, b_root: str) -> None:
         assert torch.equal(x["param"].detach(), y["param"].detach()), key
         assert {k: v for k, v in x.items() if k != "param"} == {
             k: v for k, v in y.items() if k != "param"}, key
-    oa = uv.load_restricted(os.path.join(a, "zero", "optimizer_state.pt"))
+    oa = universal.load_restricted(os.path.join(a, "zero", "optimizer_state.pt"))
     ob = torch.load(os.path.join(b, "zero", "optimizer_state.pt"), weights_only=True)
     assert oa["param_groups"] == ob["param_groups"]
     for k in ("dynamic_loss_scale", "overflow", "clip_grad", "zero_stage", "group_paddings",
               "partition_count", "ds_version"):
         assert oa[k] == ob[k], k
-    sa = uv.load_restricted(os.path.join(a, "mp_rank_00_model_states.pt"))
-    sb = uv.load_restricted(os.path.join(b, "mp_rank_00_model_states.pt"))
+    sa = universal.load_restricted(os.path.join(a, "mp_rank_00_model_states.pt"))
+    sb = universal.load_restricted(os.path.join(b, "mp_rank_00_model_states.pt"))
     for k in ("iteration", "checkpoint_version", "universal_checkpoint_info", "tokens",
               "global_steps", "global_samples", "skipped_steps", "lr_scheduler", "ds_config",
               "ds_version", "buffer_names"):
         assert sa[k] == sb[k], k
     assert isinstance(sb["args"], argparse.Namespace)
     for k, v in vars(sa["args"]).items():
-        if not isinstance(v, (uv.PickledObject, uv.TorchDtype)):
+        if not isinstance(v, (universal.PickledObject, universal.TorchDtype)):
             assert getattr(sb["args"], k) == v, k
 
 
-def test_round_trip_is_bit_exact_without_torch(universal, converted, work):
+def test_round_trip_is_bit_exact_without_torch(universal_root, converted, work):
     """Every tensor file written back equals the source's (read torch-free both), with the same
     keys and flags; the torch-marked test below checks the same with torch.load."""
-    root, _ = universal
+    root, _ = universal_root
     back = str(work / "back_np")
     assert orbax_to_universal.main(["--load", converted, "--save", back]) == 0
-    a, b = uv.resolve_universal_dir(root), uv.resolve_universal_dir(back)
+    a, b = universal.resolve_universal_dir(root), universal.resolve_universal_dir(back)
     names = sorted(n for n in os.listdir(os.path.join(a, "zero"))
                    if os.path.isdir(os.path.join(a, "zero", n)))
     assert names == sorted(n for n in os.listdir(os.path.join(b, "zero"))
@@ -327,12 +327,12 @@ def test_round_trip_is_bit_exact_without_torch(universal, converted, work):
 
 
 @pytest.mark.torch
-def test_universal_orbax_universal_is_bit_exact(universal, converted, work):
-    root, _ = universal
+def test_universal_orbax_universal_is_bit_exact(universal_root, converted, work):
+    root, _ = universal_root
     back = str(work / "back")
     assert orbax_to_universal.main(["--load", converted, "--save", back]) == 0
     _assert_same_universal(root, back)
-    folder = uv.resolve_universal_dir(back)
+    folder = universal.resolve_universal_dir(back)
     module = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"),
                         weights_only=False)["module"]["language_model"]
     fp32 = torch.load(os.path.join(folder, "zero", "language_model.output_layer.weight",
@@ -354,7 +354,7 @@ def test_pipeline_names_round_trip(tmp_path):
     root = str(tmp_path / "pipe")
     os.makedirs(root)
     fx = write_universal_fixture(root, seed=5, pipeline=True)
-    ckpt = uv.open_universal(root)
+    ckpt = universal.open_universal(root)
     assert ckpt.scheme.value == "pipeline"
     dst = str(tmp_path / "orbax")
     assert universal_to_orbax.main(["--load", root, "--save", dst]) == 0
@@ -364,7 +364,7 @@ def test_pipeline_names_round_trip(tmp_path):
     back = str(tmp_path / "back")
     assert orbax_to_universal.main(["--load", dst, "--save", back]) == 0
     _assert_same_universal(root, back)
-    folder = uv.resolve_universal_dir(back)
+    folder = universal.resolve_universal_dir(back)
     layer = torch.load(os.path.join(folder, f"layer_{L + 3:02d}-model_00-model_states.pt"),
                        weights_only=True)
     assert layer["lm_head.weight"].shape == (VPAD, H)
@@ -373,24 +373,24 @@ def test_pipeline_names_round_trip(tmp_path):
 def test_project_writer_fixture_round_trip(tmp_path):
     """A universal checkpoint from the project's own writer converts to exactly its params."""
     from agpt_jax.model import get_preset
-    from converters import megatron_layout as ml
+    from converters import megatron_layout
 
     cfg = get_preset("tiny").replace(num_layers=3)
     rng = np.random.default_rng(7)
     tree = {path: rng.standard_normal(shape).astype(np.float32)
-            for path, shape in ml.flax_shapes(cfg).items()}
-    for path in (ml.EMBED,):
+            for path, shape in megatron_layout.flax_shapes(cfg).items()}
+    for path in (megatron_layout.EMBED,):
         tree[path][cfg.vocab_size:] = 0  # universal files cannot hold padded rows
-    tree[ml.LM_HEAD][:, cfg.vocab_size:] = 0
+    tree[megatron_layout.LM_HEAD][:, cfg.vocab_size:] = 0
 
     def source(t, state):
-        parts = {p: (tree[p][t.layer] if ml.is_stacked(p) else tree[p])
-                 for p in ml.flax_paths_of(t.kind)}
-        w = ml.from_flax(t, parts, cfg)
+        parts = {p: (tree[p][t.layer] if megatron_layout.is_stacked(p) else tree[p])
+                 for p in megatron_layout.flax_paths_of(t.kind)}
+        w = megatron_layout.from_flax(t, parts, cfg)
         return w if state == "fp32" else w * (0.5 if state == "exp_avg" else 0.25)
 
     contents = orbax_to_universal.UniversalContents(
-        config=cfg, scheme=ml.NameScheme.MODULE, iteration=7, step=7.0,
+        config=cfg, scheme=megatron_layout.NameScheme.MODULE, iteration=7, step=7.0,
         param_groups=[{"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}],
         args={"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4,
               "num_key_value_heads": 2, "ffn_hidden_size": 176, "seq_length": 32,
@@ -431,7 +431,7 @@ def test_training_run_root_is_resolved(converted, work):
     assert checkpoint.resolve_checkpoint_dir(run).endswith(os.path.join("checkpoints", "5"))
     back = str(work / "from_run")
     assert orbax_to_universal.main(["--load", run, "--save", back]) == 0
-    assert os.path.basename(uv.resolve_universal_dir(back)) == "global_step5_universal"
+    assert os.path.basename(universal.resolve_universal_dir(back)) == "global_step5_universal"
 
 
 def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(converted, work):
@@ -461,13 +461,13 @@ def test_metadata_without_megatron_args_still_exports_a_loadable_checkpoint(conv
 # HF export.
 
 
-def test_hf_export_tensors_without_torch(universal, converted, work):
+def test_hf_export_tensors_without_torch(universal_root, converted, work):
     """The safetensors hold the fixture's HF weights (vocab padded with zero rows), in every dtype,
     rounded as torch's .to(dtype) rounds (to nearest even, via ml_dtypes)."""
     import ml_dtypes
     from safetensors.numpy import load_file
 
-    _, fx = universal
+    _, fx = universal_root
     for dtype in ("float32", "bfloat16"):
         dst = str(work / f"hf_np_{dtype}")
         assert orbax_to_hf.main(["--load", converted, "--save", dst, "--dtype", dtype]) == 0
@@ -482,10 +482,10 @@ def test_hf_export_tensors_without_torch(universal, converted, work):
 
 
 @pytest.mark.torch
-def test_hf_export_logits(universal, converted, work, tmp_path):
+def test_hf_export_logits(universal_root, converted, work, tmp_path):
     from transformers import LlamaForCausalLM
 
-    _, fx = universal
+    _, fx = universal_root
     dst = str(work / "hf")
     assert orbax_to_hf.main(["--load", converted, "--save", dst]) == 0
     cfg = json.load(open(os.path.join(dst, "config.json")))
@@ -554,8 +554,8 @@ def _break_not_universal(root):
 
 @pytest.mark.parametrize("breaker", [_break_missing_folder, _break_shape, _break_truncated,
                                      _break_tag, _break_not_universal])
-def test_bad_input(universal, tmp_path, capsys, breaker):
-    src_root, _ = universal
+def test_bad_input(universal_root, tmp_path, capsys, breaker):
+    src_root, _ = universal_root
     root = str(tmp_path / "src")
     shutil.copytree(src_root, root)
     expected = breaker(root)
