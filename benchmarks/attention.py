@@ -21,7 +21,6 @@ pallas runs in interpret mode (CPU), reduced sizes (seq 512-2048, 8 / 2 heads, f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -29,9 +28,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from agpt_jax import attention as attention_lib
-from agpt_jax import runtime
+from agpt_jax import cli, runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,17 +148,20 @@ def main(argv: Sequence[str] | None = None) -> str:
     rt = runtime.initialize()
     caps = rt.capabilities
     on_gpu = not caps.pallas_interpret  # full 7B shapes where the Pallas kernels compile
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", default="1024,2048,4096" if on_gpu else "512,1024,2048")
-    parser.add_argument("--heads", type=int, default=32 if on_gpu else 8)
-    parser.add_argument("--kv-heads", type=int, default=8 if on_gpu else 2)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32",
-                        choices=("bfloat16", "float32"))
-    parser.add_argument("--impls", default=",".join(attention_lib.IMPLEMENTATIONS))
-    parser.add_argument("--iters", type=int, default=10 if on_gpu else 3)
-    args = parser.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("seq", "1024,2048,4096" if on_gpu else "512,1024,2048",
+                        "comma-separated sequence lengths", flag_values=fv)
+    flags.DEFINE_integer("heads", 32 if on_gpu else 8, "query heads", flag_values=fv)
+    flags.DEFINE_integer("kv-heads", 8 if on_gpu else 2, "key/value heads", flag_values=fv)
+    flags.DEFINE_integer("head-dim", 128, "head dimension", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "batch size", flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16" if on_gpu else "float32", ("bfloat16", "float32"),
+                      "compute dtype", flag_values=fv)
+    flags.DEFINE_string("impls", ",".join(attention_lib.IMPLEMENTATIONS),
+                        "comma-separated implementations", flag_values=fv)
+    flags.DEFINE_integer("iters", 10 if on_gpu else 3, "timed runs per measurement",
+                         flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     impls = [x for x in args.impls.split(",") if x]
     for impl in impls:
         if impl not in attention_lib.IMPLEMENTATIONS:

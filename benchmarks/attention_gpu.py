@@ -22,7 +22,6 @@ the test suite keeps this script working without a GPU.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -35,9 +34,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from agpt_jax import attention as attention_lib
-from agpt_jax import runtime
+from agpt_jax import cli, runtime
 
 
 def _load_benchmark_module():
@@ -130,12 +130,12 @@ def check(case: CheckCase, impls: Sequence[str], platform: str | runtime.Capabil
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny sizes on CPU, pallas in interpret mode")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs per measurement")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_bool("cpu-smoke", False, "tiny sizes on CPU, pallas in interpret mode",
+                      flag_values=fv)
+    flags.DEFINE_integer("iters", None, "timed runs per measurement", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the results to this file", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     start = time.perf_counter()
     rt = runtime.initialize()
     if not args.cpu_smoke and rt.capabilities.pallas_interpret:  # no Triton: not a CUDA GPU

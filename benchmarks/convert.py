@@ -23,18 +23,22 @@ dropped (no root), so both read what the writer left in memory as far as it fits
 
 from __future__ import annotations
 
-import argparse
+import argparse  # the Namespace of Megatron's args in the synthetic ZeRO checkpoint
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
+from absl import flags
+
+from agpt_jax import cli
 
 
-def _write_synthetic(root: str, args: argparse.Namespace) -> tuple[int, int]:
+def _write_synthetic(root: str, args: types.SimpleNamespace) -> tuple[int, int]:
     from agpt_jax.model import GPTConfig
     from converters import megatron_layout as ml
     from converters import orbax_to_universal as o2u
@@ -73,7 +77,7 @@ def _hashed(state: str, group: int, lo: int, hi: int) -> np.ndarray:
     return (x if state == "exp_avg_sq" else x - np.float32(0.5)) * np.float32(scale)
 
 
-def _write_synthetic_zero(root: str, args: argparse.Namespace, dp: int) -> tuple[int, int]:
+def _write_synthetic_zero(root: str, args: types.SimpleNamespace, dp: int) -> tuple[int, int]:
     """A DeepSpeed ZeRO-1 save root of the model at DP = dp (see the module docstring)."""
     import collections
     import importlib.util
@@ -227,25 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--write-synthetic":
         dims = [int(v) for v in argv[2:8]]
-        shape = argparse.Namespace(**dict(zip(("layers", "hidden", "heads", "kv_heads", "ffn",
+        shape = types.SimpleNamespace(**dict(zip(("layers", "hidden", "heads", "kv_heads", "ffn",
                                                "vocab"), dims)))
         dp = int(argv[8])
         n_params, largest = (_write_synthetic_zero(argv[1], shape, dp) if dp else
                              _write_synthetic(argv[1], shape))
         print(n_params, largest)
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=26)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--source", choices=("universal", "zero"), default="universal")
-    parser.add_argument("--dp", type=int, default=64, help="data-parallel ranks (--source zero)")
-    parser.add_argument("--no-optimizer-state", action="store_true")
-    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
-    args = parser.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("layers", 26, "transformer layers", flag_values=fv)
+    flags.DEFINE_integer("hidden", 2048, "hidden size", flag_values=fv)
+    flags.DEFINE_integer("heads", 16, "query heads", flag_values=fv)
+    flags.DEFINE_integer("kv-heads", 4, "key/value heads", flag_values=fv)
+    flags.DEFINE_integer("ffn", 5632, "SwiGLU hidden size", flag_values=fv)
+    flags.DEFINE_integer("vocab", 32000, "vocabulary size", flag_values=fv)
+    flags.DEFINE_integer("dp", 64, "data-parallel ranks (--source zero)", flag_values=fv)
+    flags.DEFINE_enum("source", "universal", ("universal", "zero"), "the checkpoint converted",
+                      flag_values=fv)
+    flags.DEFINE_bool("no-optimizer-state", False, "convert params only", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "scratch folder (default: a temp dir)", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     optimizer_state = not args.no_optimizer_state
 
     if args.workdir:

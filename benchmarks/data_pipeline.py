@@ -18,7 +18,6 @@ training the 7B model:
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import resource
@@ -27,6 +26,9 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+
+from agpt_jax import cli
 
 FILES = [("web", 0.20), ("web", 0.15), ("web", 0.10), ("web", 0.05), ("code", 0.10), ("code", 0.08),
          ("code", 0.07), ("papers", 0.12), ("papers", 0.08), ("papers", 0.05)]
@@ -67,15 +69,16 @@ def _peak_rss_gib() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=1_000_000)
-    p.add_argument("--max-doc-len", type=int, default=600)
-    p.add_argument("--batches", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--prefetch", type=int, default=4)
-    p.add_argument("--folder", default=None, help="keep the synthetic files here (default: a temp dir)")
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("docs", 1_000_000, "synthetic documents", flag_values=fv)
+    flags.DEFINE_integer("max-doc-len", 600, "tokens of the longest document", flag_values=fv)
+    flags.DEFINE_integer("batches", 2000, "global batches streamed", flag_values=fv)
+    flags.DEFINE_integer("batch", 8, "sequences per global batch", flag_values=fv)
+    flags.DEFINE_integer("seq-length", 4096, "tokens per sequence", flag_values=fv)
+    flags.DEFINE_integer("prefetch", 4, "grain prefetch threads", flag_values=fv)
+    flags.DEFINE_string("folder", None, "keep the synthetic files here (default: a temp dir)",
+                        flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
 
     from agpt_jax.data import BlendConfig, build_blended_splits, make_batch_iterator, read_file_list
 

@@ -39,7 +39,6 @@ round, so a slow minute slows both sides of a ratio.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -47,9 +46,12 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from typing import Any
 
-from agpt_jax import hostmem
+from absl import flags
+
+from agpt_jax import cli, hostmem
 
 PRESET = "bench_125m"
 MICRO_BATCH = 2
@@ -93,11 +95,11 @@ class Variant:
         return self.python or sys.executable
 
     def xla_flags(self, extra: str = "") -> str:
-        flags = [] if self.thunk else [THUNK_OFF]
-        flags += self.extra_flags.split()
+        parts = [] if self.thunk else [THUNK_OFF]
+        parts += self.extra_flags.split()
         if extra:
-            flags.append(extra)
-        return " ".join(flags)
+            parts.append(extra)
+        return " ".join(parts)
 
 
 DEFAULT = Variant("jax bf16 (agpt-jax defaults)", "jax")
@@ -491,7 +493,7 @@ def _child_env(v: Variant, extra_flags: str = "") -> dict[str, str]:
     return env
 
 
-def run_child(v: Variant, args: argparse.Namespace, extra_flags: str = "",
+def run_child(v: Variant, args: types.SimpleNamespace, extra_flags: str = "",
               profile_dir: str | None = None) -> dict[str, Any]:
     """Runs one variant in a fresh process; adds its peak RSS (GiB) from wait4's rusage."""
     env = _child_env(v, extra_flags)
@@ -524,7 +526,7 @@ def _peak_key(v: Variant) -> tuple[str, str, bool]:
     return ("torch" if v.kind == "torch" else "jax", v.dtype, v.thunk)
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: types.SimpleNamespace) -> None:
     variants = jax_variants(args.quick)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -600,7 +602,7 @@ def measure(args: argparse.Namespace) -> None:
 TORCH_FP32, TORCH_BF16 = TORCH_VARIANTS[0], TORCH_VARIANTS[1]
 
 
-def worker(v: Variant, args: argparse.Namespace) -> None:
+def worker(v: Variant, args: types.SimpleNamespace) -> None:
     """A paired-mode process: sets v up, warms it up, then answers each `measure` line on stdin
     with one RESULT line (the median seconds of `--turn-steps` back-to-back steps after one
     untimed step, and the last loss; or the matmul GFLOP/s), until stdin closes."""
@@ -632,7 +634,7 @@ def worker(v: Variant, args: argparse.Namespace) -> None:
 class _Worker:
     """The parent's handle on one paired-mode process."""
 
-    def __init__(self, v: Variant, args: argparse.Namespace):
+    def __init__(self, v: Variant, args: types.SimpleNamespace):
         self.v = v
         cmd = [v.interpreter, os.path.abspath(__file__), "--worker",
                json.dumps(dataclasses.asdict(v)), "--warmup", str(args.warmup),
@@ -665,7 +667,7 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def _stacks(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _stacks(args: types.SimpleNamespace) -> list[tuple[str, str]]:
     """(label, interpreter) of every JAX stack to measure: this one, then each --stack."""
     import jax  # pylint: disable=import-outside-toplevel
 
@@ -679,7 +681,7 @@ def _stacks(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
-def _paired_variants(args: argparse.Namespace) -> tuple[list[Variant], dict[str, str]]:
+def _paired_variants(args: types.SimpleNamespace) -> tuple[list[Variant], dict[str, str]]:
     """The train-step variants of each stack in --dtypes, the torch baselines, the ceilings;
     and for each train variant the ceiling its MFU is taken against."""
     variants: list[Variant] = []
@@ -696,9 +698,9 @@ def _paired_variants(args: argparse.Namespace) -> tuple[list[Variant], dict[str,
             peak = f"jax matmul {dtype}{tag}"
             variants.append(dataclasses.replace(DEFAULT, name=name, dtype=dtype, thunk=thunk,
                                                 python=python))
-            for flags in (args.stack_flags if python else []):  # only the --stack stacks
-                variants.append(dataclasses.replace(variants[-1], name=f"{name} {flags}",
-                                                    extra_flags=flags))
+            for extra in (args.stack_flags if python else []):  # only the --stack stacks
+                variants.append(dataclasses.replace(variants[-1], name=f"{name} {extra}",
+                                                    extra_flags=extra))
                 ceiling_of[variants[-1].name] = peak
             if peak not in ceiling_of.values():
                 ceilings.append(Variant(peak, "jax_peak", dtype, thunk=thunk, python=python))
@@ -718,7 +720,7 @@ def _stack_has_only_thunk(python: str) -> bool:
     return out.stdout.strip().splitlines()[-1] == "True"
 
 
-def paired(args: argparse.Namespace) -> None:
+def paired(args: types.SimpleNamespace) -> None:
     """Head-to-head: agpt-jax on each stack, torch fp32, torch bf16 autocast and the matmul
     ceilings, each in its own long-lived process. Every round measures each once (one train step,
     or one ceiling), in an order that rotates per round, and the ratios and MFU are taken within a
@@ -766,7 +768,7 @@ def paired(args: argparse.Namespace) -> None:
             print(f"ceiling {v.name}: {_summary([rd[v.name]['peak'] for rd in rounds])} GFLOP/s")
 
 
-def profile(args: argparse.Namespace) -> None:
+def profile(args: types.SimpleNamespace) -> None:
     """Profiles the variant named by --variant (default: bf16, no thunk runtime, blockwise)."""
     by_name = {v.name: v for v in jax_variants(False)}
     if args.variant not in by_name:
@@ -775,9 +777,9 @@ def profile(args: argparse.Namespace) -> None:
     out_dir = os.path.abspath(args.profile)
     os.makedirs(out_dir, exist_ok=True)
     dump = os.path.join(out_dir, "xla_dump")
-    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_cpu_enable_xprof_traceme=true"
+    dump_flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_cpu_enable_xprof_traceme=true"
     peak = run_child(Variant("peak", "jax_peak", v.dtype, v.thunk), args)["peak"]
-    r = run_child(v, args, extra_flags=flags, profile_dir=out_dir)
+    r = run_child(v, args, extra_flags=dump_flags, profile_dir=out_dir)
     step = statistics.median(r["step_s"])
     print(f"profile of {v.name!r} (XLA dump in {dump}, trace in {out_dir}/trace)")
     print(f"  matmul peak {peak:.1f} GFLOP/s; step {step:.3f} s "
@@ -807,35 +809,35 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer steps and variants")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
-    p.add_argument("--repeat", type=int, default=1, help="run every variant this many times")
-    p.add_argument("--only", default=None,
-                   help="comma-separated substrings: measure only the JAX variants whose name "
-                        "contains one (the torch baselines always run)")
-    p.add_argument("--profile", default=None, help="profile one JAX variant into this folder")
-    p.add_argument("--variant", default=DEFAULT.name, help="variant to profile")
-    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
-                   help="head-to-head of agpt-jax defaults, torch fp32 and torch bf16 in "
-                        "long-lived processes: ROUNDS rounds of one step each, ratios per round")
-    p.add_argument("--turn-steps", type=int, default=2,
-                   help="paired mode: timed back-to-back steps per variant and round (after one "
-                        "untimed step)")
-    p.add_argument("--stack", action="append", default=[], metavar="LABEL=PYTHON",
-                   help="paired mode: also measure agpt-jax under this interpreter (a virtual "
-                        "environment of the other stack with this checkout installed), e.g. "
-                        "--stack 'jax 0.11.2=.venv-py312-jax011/bin/python'")
-    p.add_argument("--stack-flags", action="append", default=[], metavar="XLA_FLAGS",
-                   help="paired mode: also measure each --stack stack's train step with these "
-                        "extra XLA flags (benchmarks/xla_cpu_flags.py finds candidates)")
-    p.add_argument("--dtypes", default="bfloat16",
-                   help="paired mode: comma-separated JAX compute dtypes to measure per stack "
-                        "(bfloat16, float32)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_bool("quick", False, "smoke run: fewer steps and variants", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "timed steps per variant (default 5)", flag_values=fv)
+    flags.DEFINE_integer("warmup", None, "untimed steps (default 2)", flag_values=fv)
+    flags.DEFINE_integer("repeat", 1, "run every variant this many times", flag_values=fv)
+    flags.DEFINE_string("only", None, "comma-separated substrings: measure only the JAX variants "
+                        "whose name contains one (the torch baselines always run)", flag_values=fv)
+    flags.DEFINE_string("profile", None, "profile one JAX variant into this folder",
+                        flag_values=fv)
+    flags.DEFINE_string("variant", DEFAULT.name, "variant to profile", flag_values=fv)
+    flags.DEFINE_integer("paired", 0, "ROUNDS: head-to-head of agpt-jax defaults, torch fp32 and "
+                         "torch bf16 in long-lived processes: ROUNDS rounds of one step each, "
+                         "ratios per round", flag_values=fv)
+    flags.DEFINE_integer("turn-steps", 2, "paired mode: timed back-to-back steps per variant and "
+                         "round (after one untimed step)", flag_values=fv)
+    flags.DEFINE_multi_string("stack", [], "LABEL=PYTHON: paired mode: also measure agpt-jax "
+                              "under this interpreter (a virtual environment of the other stack "
+                              "with this checkout installed), e.g. --stack "
+                              "'jax 0.11.2=.venv-py312-jax011/bin/python'", flag_values=fv)
+    flags.DEFINE_multi_string("stack-flags", [], "XLA_FLAGS: paired mode: also measure each "
+                              "--stack stack's train step with these extra XLA flags "
+                              "(benchmarks/xla_cpu_flags.py finds candidates)", flag_values=fv)
+    flags.DEFINE_string("dtypes", "bfloat16", "paired mode: comma-separated JAX compute dtypes "
+                        "to measure per stack (bfloat16, float32)", flag_values=fv)
+    flags.DEFINE_string("child", None, "internal: measure this variant (JSON) in this process",
+                        flag_values=fv)
+    flags.DEFINE_string("worker", None, "internal: serve this variant (JSON) in paired mode",
+                        flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     if args.steps is None:
         args.steps = 2 if args.quick else 5
     if args.warmup is None:

@@ -14,13 +14,16 @@ defaults row of the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from agpt_jax import cli
 
 SIZES = (2048, 4096)
 DTYPES = ("bfloat16", "float32")
@@ -55,11 +58,12 @@ def child(reps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--flags", action="append", default=[], help="an extra XLA_FLAGS set to time")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_string("flags", [], "an extra XLA_FLAGS set to time (repeatable)",
+                              flag_values=fv)
+    flags.DEFINE_integer("reps", 5, "timed matmuls per size and dtype", flag_values=fv)
+    flags.DEFINE_bool("child", False, "internal: measure in this process", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
     if args.child:
         child(args.reps)
         return
@@ -68,15 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     key = "0.5" if jax.__version__.startswith("0.5") else "0.11"
     sets = FLAG_SETS[key] + args.flags
     rows = {}
-    for flags in sets:
-        env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="2")
+    for xla_flags in sets:
+        env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--reps",
                                str(args.reps)], env=env, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(f"{flags or '(defaults)'}: failed\n{proc.stderr[-2000:]}")
+            print(f"{xla_flags or '(defaults)'}: failed\n{proc.stderr[-2000:]}")
             continue
-        rows[flags] = json.loads(line[-1][len("RESULT "):])
+        rows[xla_flags] = json.loads(line[-1][len("RESULT "):])
     cols = [f"{d} {n}" for d in DTYPES for n in SIZES]
     print(f"jax {jax.__version__}, {os.cpu_count()} CPU threads; median GFLOP/s of {args.reps} "
           "jitted square matmuls (x the defaults row of this run)")
@@ -84,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| XLA_FLAGS | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     base = rows.get("")
-    for flags, r in rows.items():
+    for xla_flags, r in rows.items():
         cells = [f"{r[c]:.0f}" + (f" ({r[c] / base[c]:.2f}x)" if base else "") for c in cols]
-        print(f"| {flags or '(defaults)'} | " + " | ".join(cells) + " |")
+        print(f"| {xla_flags or '(defaults)'} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
