@@ -55,6 +55,7 @@ only make sense together, and splitting them would spread one fixture recipe ove
 
 from __future__ import annotations
 
+import argparse  # the Namespace of Megatron's args in the checkpoints
 import collections
 import glob
 import json
