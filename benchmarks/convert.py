@@ -40,7 +40,7 @@ from agpt_jax import cli
 
 def _write_synthetic(root: str, args: types.SimpleNamespace) -> tuple[int, int]:
     from agpt_jax.model import GPTConfig
-    from converters import megatron_layout as ml
+    from converters import megatron_layout
     from converters import orbax_to_universal as o2u
 
     cfg = GPTConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
@@ -48,7 +48,7 @@ def _write_synthetic(root: str, args: types.SimpleNamespace) -> tuple[int, int]:
                     seq_length=2048)
     rng = np.random.default_rng(0)
 
-    def source(t: ml.MegatronTensor, state: str) -> np.ndarray:
+    def source(t: megatron_layout.MegatronTensor, state: str) -> np.ndarray:
         return rng.random(t.shape, dtype=np.float32)
 
     megatron_args = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
@@ -57,12 +57,12 @@ def _write_synthetic(root: str, args: types.SimpleNamespace) -> tuple[int, int]:
                      "rope_theta": cfg.rope_theta, "layernorm_epsilon": cfg.norm_eps,
                      "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by}
     contents = o2u.UniversalContents(
-        config=cfg, scheme=ml.NameScheme.MODULE, iteration=1000, step=1000.0,
+        config=cfg, scheme=megatron_layout.NameScheme.MODULE, iteration=1000, step=1000.0,
         param_groups=[{"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
                       {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}],
         args=megatron_args)
     o2u.write_universal(root, contents, source, progress=False)
-    largest = max(int(np.prod(t.shape)) * 4 for t in ml.megatron_tensors(cfg, contents.scheme))
+    largest = max(int(np.prod(t.shape)) * 4 for t in megatron_layout.megatron_tensors(cfg, contents.scheme))
     return cfg.num_params(), largest
 
 
@@ -85,7 +85,7 @@ def _write_synthetic_zero(root: str, args: types.SimpleNamespace, dp: int) -> tu
     import ml_dtypes
 
     from agpt_jax.model import GPTConfig
-    from converters import megatron_layout as ml
+    from converters import megatron_layout
     from converters import pt_archive
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
@@ -98,7 +98,7 @@ def _write_synthetic_zero(root: str, args: types.SimpleNamespace, dp: int) -> tu
     cfg = GPTConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                     num_kv_heads=args.kv_heads, ffn_hidden_size=args.ffn, vocab_size=args.vocab,
                     seq_length=2048)
-    tensors = ml.megatron_tensors(cfg, ml.NameScheme.MODULE)
+    tensors = megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE)
     groups = [[t for t in tensors if len(t.shape) > 1], [t for t in tensors if len(t.shape) == 1]]
     layout = []  # per group: (N, S, [(tensor, offset)])
     for ts in groups:
