@@ -62,7 +62,8 @@ def _write_synthetic(root: str, args: types.SimpleNamespace) -> tuple[int, int]:
                       {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}],
         args=megatron_args)
     o2u.write_universal(root, contents, source, progress=False)
-    largest = max(int(np.prod(t.shape)) * 4 for t in megatron_layout.megatron_tensors(cfg, contents.scheme))
+    largest = max(int(np.prod(t.shape)) * 4
+                  for t in megatron_layout.megatron_tensors(cfg, contents.scheme))
     return cfg.num_params(), largest
 
 
