@@ -81,15 +81,15 @@ def _absl_spellings(argv: Sequence[str], flag_values: flags.FlagValues,
     """
     out: list[str] = []
     words = iter(argv)
-    pending: list[str] | None = None
+    multi, values = None, []  # the multiword flag that is reading words, and its words so far
     for word in words:
         is_flag = word.startswith("-") and word != "-" and not _NEGATIVE_NUMBER.match(word)
-        if pending is not None:
+        if multi is not None:
             if not is_flag:
-                pending.append(word)
+                values.append(word)
                 continue
-            out += [f"--{name}={w}" for w in pending] if pending else [f"--{name}"]
-            pending = None
+            out += [f"--{multi}={w}" for w in values] or [f"--{multi}"]
+            multi = None
         if word == "--":
             out += [word, *words]
             break
@@ -101,11 +101,11 @@ def _absl_spellings(argv: Sequence[str], flag_values: flags.FlagValues,
                 and flag_values[name[3:]].boolean):
             word = f"--no{name[3:]}{eq}{value}"
         elif name in multiword and not eq:
-            pending = []
+            multi, values = name, []
             continue
         out.append(word)
-    if pending is not None:
-        out += [f"--{name}={w}" for w in pending] if pending else [f"--{name}"]
+    if multi is not None:
+        out += [f"--{multi}={w}" for w in values] or [f"--{multi}"]
     return out
 
 
