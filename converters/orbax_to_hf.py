@@ -69,9 +69,12 @@ def hf_tensors(reader: checkpoint.PyTreeItemReader,
         p = f"model.layers.{i}."
         q = reader.read(megatron_layout.ATTN_Q, i)  # [H, nq, D]
         yield p + "self_attn.q_proj.weight", q.reshape(h, nq * d).T
-        yield p + "self_attn.k_proj.weight", reader.read(megatron_layout.ATTN_K, i).reshape(h, nkv * d).T
-        yield p + "self_attn.v_proj.weight", reader.read(megatron_layout.ATTN_V, i).reshape(h, nkv * d).T
-        yield p + "self_attn.o_proj.weight", reader.read(megatron_layout.ATTN_O, i).reshape(nq * d, h).T
+        yield (p + "self_attn.k_proj.weight",
+               reader.read(megatron_layout.ATTN_K, i).reshape(h, nkv * d).T)
+        yield (p + "self_attn.v_proj.weight",
+               reader.read(megatron_layout.ATTN_V, i).reshape(h, nkv * d).T)
+        yield (p + "self_attn.o_proj.weight",
+               reader.read(megatron_layout.ATTN_O, i).reshape(nq * d, h).T)
         yield p + "mlp.gate_proj.weight", reader.read(megatron_layout.MLP_GATE, i).T
         yield p + "mlp.up_proj.weight", reader.read(megatron_layout.MLP_UP, i).T
         yield p + "mlp.down_proj.weight", reader.read(megatron_layout.MLP_DOWN, i).T

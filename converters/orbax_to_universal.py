@@ -122,7 +122,8 @@ def _param_shapes(config: GPTConfig, tensors: list[megatron_layout.MegatronTenso
     return [decayed, plain]
 
 
-def _state_dict_for(t: megatron_layout.MegatronTensor, w: np.ndarray, config: GPTConfig) -> dict[str, Any]:
+def _state_dict_for(t: megatron_layout.MegatronTensor, w: np.ndarray,
+                    config: GPTConfig) -> dict[str, Any]:
     """One {fp32,exp_avg,exp_avg_sq}.pt dict with ds_to_universal's keys and flags."""
     if tuple(w.shape) != t.shape:
         raise ValueError(f"{t.name}: shape {w.shape}, expected {t.shape}")
@@ -136,7 +137,8 @@ def _state_dict_for(t: megatron_layout.MegatronTensor, w: np.ndarray, config: GP
     return out
 
 
-def _module_tree(folder: str, tensors: list[megatron_layout.MegatronTensor], config: GPTConfig) -> dict:
+def _module_tree(folder: str, tensors: list[megatron_layout.MegatronTensor],
+                 config: GPTConfig) -> dict:
     """Megatron's nested `module` state dict (non-pipeline, spec §3.2), read back memory-mapped
     from the fp32.pt files just written, vocabulary tensors padded to V_pad with zero rows."""
     lm: dict[str, Any] = {"embedding": {"word_embeddings": {}}, "encoder": {},
@@ -280,7 +282,8 @@ def contents_from_metadata(meta: Mapping[str, Any], config: GPTConfig,
                            step: float) -> UniversalContents:
     """UniversalContents from agpt-jax metadata: what universal_to_orbax recorded of the source
     and, for a training run's step, the run's own settings (`run_config`, `last_lr`)."""
-    scheme = megatron_layout.NameScheme(meta.get("name_scheme", megatron_layout.NameScheme.MODULE.value))
+    scheme = megatron_layout.NameScheme(meta.get("name_scheme",
+                                                 megatron_layout.NameScheme.MODULE.value))
     iteration = int(meta.get("iteration") or 0)
     run = meta.get("run_config")
     groups = meta.get("param_groups")

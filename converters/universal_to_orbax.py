@@ -149,7 +149,8 @@ def write_checkpoint(dst: str, cfg: GPTConfig, step: float | None, tensors: Call
                    for item in {p[2] for p in plan}}
         for _, prefix, item in plan:
             for path, shape in shapes.items():
-                writers[item].create(prefix + path, shape, np.float32, stacked=megatron_layout.is_stacked(path))
+                writers[item].create(prefix + path, shape, np.float32,
+                                     stacked=megatron_layout.is_stacked(path))
         if step is not None:
             writers[checkpoint.ITEM_ADAM].create(("count",), (), np.int32)
             writers[checkpoint.ITEM_ADAM].write(("count",), np.int32(step))
@@ -198,8 +199,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
     cfg = ckpt.config
     step = ckpt.read_step() if options.optimizer_state else None
     if step is not None and step != int(step):
-        raise universal.UniversalCheckpointError(f"{ckpt.folder}: step.pt holds {step}, not a whole "
-                                          "number of Adam steps")
+        raise universal.UniversalCheckpointError(f"{ckpt.folder}: step.pt holds {step}, not a "
+                                                 "whole number of Adam steps")
     plan = state_plan(options.optimizer_state)
     files = [(t, state) for state, _, _ in plan for t in ckpt.tensors]  # state by state
     for t, state in files:  # fail before writing anything when a file is missing

@@ -163,7 +163,8 @@ def _param_shapes(states: Mapping[str, Any], where: str) -> list[dict[str, tuple
     return [{str(k): tuple(int(x) for x in v) for k, v in g.items()} for g in shapes]
 
 
-def _check_shapes(shapes: list[dict[str, tuple[int, ...]]], tensors: list[megatron_layout.MegatronTensor],
+def _check_shapes(shapes: list[dict[str, tuple[int, ...]]],
+                  tensors: list[megatron_layout.MegatronTensor],
                   where: str, against: str) -> None:
     want = {t.name: t.shape for t in tensors}
     have: dict[str, tuple[int, ...]] = {}
@@ -217,12 +218,14 @@ def read_model_states(folder: str, expected: GPTConfig | None = None) -> ModelSt
     except ValueError as e:
         raise ZeroCheckpointError(str(e)) from None
     if expected is not None:
-        _check_shapes(shapes, megatron_layout.megatron_tensors(expected, scheme), path, "--model-config")
+        _check_shapes(shapes, megatron_layout.megatron_tensors(expected, scheme), path,
+                      "--model-config")
         diffs = universal.config_mismatches(expected, config)
         if diffs:
             raise ZeroCheckpointError(f"{path}: the given model config does not match the "
                                       "checkpoint's args: " + "; ".join(diffs))
-    _check_shapes(shapes, megatron_layout.megatron_tensors(config, scheme), path, "the model of its args")
+    _check_shapes(shapes, megatron_layout.megatron_tensors(config, scheme), path,
+                  "the model of its args")
     if not isinstance(states.get("iteration"), int):
         raise ZeroCheckpointError(f"{path}: field 'iteration' is missing")
     return ModelStates(states, args, shapes, scheme, config)
@@ -270,6 +273,7 @@ def open_zero(path: str, expected: GPTConfig | None = None) -> ZeroCheckpoint:
         folder=folder, scheme=ms.scheme, config=ms.config, args=ms.args,
         iteration=ms.states["iteration"], checkpoint_version=ms.states.get("checkpoint_version"),
         universal_info=dict(ms.states["universal_checkpoint_info"]), optimizer_state=opt,
-        param_groups=first.param_groups, tensors=megatron_layout.megatron_tensors(ms.config, ms.scheme),
+        param_groups=first.param_groups,
+        tensors=megatron_layout.megatron_tensors(ms.config, ms.scheme),
         model_states_extra=universal.model_states_extra(ms.states), step=step, writer=first.writer,
         layouts=layouts, rank_paths=paths, module=ms.states.get("module"), first=first)

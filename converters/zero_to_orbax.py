@@ -72,7 +72,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions()) -> s
                 for t, values in ckpt.stream((state,)):
                     w = values.pop(state)
                     if t.is_vocab:  # the universal format's rows, zero-padded as on its load
-                        w = megatron_layout.pad_vocab_rows(w[:cfg.vocab_size], cfg.padded_vocab_size)
+                        w = megatron_layout.pad_vocab_rows(w[:cfg.vocab_size],
+                                                           cfg.padded_vocab_size)
                     yield t, state, w
                     del w
                     bar.update(1)

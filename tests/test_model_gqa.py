@@ -155,7 +155,8 @@ def test_orbax_qkv_are_numpy_slices_of_the_fused_matrix(g4_universal):
         fused = fx["megatron"][f"language_model.encoder.layers.{i}.self_attention."
                                "query_key_value.weight"]
         assert fused.shape == ((NQ + 2 * NKV) * D, h)
-        q, k, v = (params.read(p, i) for p in (megatron_layout.ATTN_Q, megatron_layout.ATTN_K, megatron_layout.ATTN_V))
+        q, k, v = (params.read(p, i) for p in (megatron_layout.ATTN_Q, megatron_layout.ATTN_K,
+                                               megatron_layout.ATTN_V))
         assert q.shape == (h, NQ, D) and k.shape == v.shape == (h, NKV, D)
         block = (G + 2) * D
         for j in range(NKV):
@@ -180,7 +181,8 @@ def test_universal_orbax_universal_is_bit_exact_at_g4(g4_universal):
     for name, w in fx["megatron"].items():
         m, v = fx["moments"][name]
         for state, want in (("fp32", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            got = pt_archive.load(os.path.join(folder, universal.ZERO, name, f"{state}.pt"))["param"]
+            got = pt_archive.load(os.path.join(folder, universal.ZERO, name,
+                                               f"{state}.pt"))["param"]
             np.testing.assert_array_equal(got, want, err_msg=f"{name}/{state}")
 
 

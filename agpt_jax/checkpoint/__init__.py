@@ -23,6 +23,6 @@ __all__ = [
     "ITEM_PARAMS", "ITEM_TRAIN", "ITEMS", "CheckpointError", "CheckpointWriteError",
     "PyTreeItemReader", "PyTreeItemWriter", "Restored", "RunCheckpointer", "TrainProgress",
     "has_adam", "leaf_key", "model_config", "read_metadata", "read_progress",
-    "resolve_checkpoint_dir", "restore_adam", "restore_arrays", "restore_params", "write_metadata_item",
-    "write_step_metadata",
+    "resolve_checkpoint_dir", "restore_adam", "restore_arrays", "restore_params",
+    "write_metadata_item", "write_step_metadata",
 ]

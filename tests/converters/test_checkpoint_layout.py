@@ -126,7 +126,8 @@ def test_restore_arrays_a_few_leaves_at_a_time_equals_the_saved_tree(tmp_path):
         d, {"params": jax.tree.map(target, params), "adam": jax.tree.map(target, adam)},
         place=lambda a: placed.append(a.shape) or a * 1)
     assert len(placed) == len(jax.tree.leaves(params)) * 3 + 1  # params, mu, nu, count
-    for want, got in zip(jax.tree.leaves((params, adam)), jax.tree.leaves((out["params"], out["adam"]))):
+    for want, got in zip(jax.tree.leaves((params, adam)),
+                         jax.tree.leaves((out["params"], out["adam"]))):
         np.testing.assert_array_equal(np.asarray(got), want)
     assert out["params"]["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
     assert jax.tree.structure(out["adam"]) == jax.tree.structure(adam)
@@ -135,7 +136,8 @@ def test_restore_arrays_a_few_leaves_at_a_time_equals_the_saved_tree(tmp_path):
     # would read the common leaves and say nothing).
     fewer = {k: v for k, v in params.items() if k != "final_norm"}
     fewer["extra"] = params["final_norm"]
-    with pytest.raises(checkpoint.CheckpointError, match=r"missing: extra; not in the model: final_norm"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"missing: extra; not in the model: final_norm"):
         checkpoint.restore_arrays(d, {"params": jax.tree.map(target, fewer)})
 
 

@@ -153,7 +153,8 @@ def _reference_to_flax(kind: megatron_layout.Kind, w: np.ndarray, cfg: GPTConfig
         q, k, v = _reference_split_qkv(w, nq, cfg.num_kv_heads, d)
         return {megatron_layout.ATTN_Q: q, megatron_layout.ATTN_K: k, megatron_layout.ATTN_V: v}
     if kind is megatron_layout.Kind.H_TO_4H:
-        return {megatron_layout.MLP_GATE: np.transpose(w[:f]), megatron_layout.MLP_UP: np.transpose(w[f:2 * f])}
+        return {megatron_layout.MLP_GATE: np.transpose(w[:f]),
+                megatron_layout.MLP_UP: np.transpose(w[f:2 * f])}
     if kind is megatron_layout.Kind.DENSE:
         # o[head, e, x] = W[x, head * D + e]: the input columns of o_proj are head-major.
         o = np.empty((nq, d, h), w.dtype)
@@ -164,7 +165,8 @@ def _reference_to_flax(kind: megatron_layout.Kind, w: np.ndarray, cfg: GPTConfig
         return {megatron_layout.MLP_DOWN: np.transpose(w)}
     if kind is megatron_layout.Kind.OUTPUT:
         return {megatron_layout.LM_HEAD: np.transpose(w)}
-    return {megatron_layout.flax_paths_of(kind)[0]: w}  # embedding ([V_pad, H] rows are tokens) and norms
+    # embedding ([V_pad, H] rows are tokens) and norms
+    return {megatron_layout.flax_paths_of(kind)[0]: w}
 
 
 @pytest.mark.parametrize("g", [1, 4])
@@ -180,7 +182,8 @@ def test_every_kind_to_flax_matches_reference_and_round_trips(g):
         assert set(parts) == set(want) == set(megatron_layout.flax_paths_of(t.kind)), t.name
         for path, value in parts.items():
             full = shapes[path]
-            assert value.shape == (full[1:] if megatron_layout.is_stacked(path) else full), (t.name, path)
+            assert value.shape == (full[1:] if megatron_layout.is_stacked(path)
+                                   else full), (t.name, path)
             np.testing.assert_array_equal(value, want[path], err_msg=f"{t.name} -> {path}")
         back = megatron_layout.from_flax(t, parts, cfg)
         assert back.shape == t.shape and back.dtype == np.float32
@@ -205,7 +208,8 @@ def test_pad_vocab_rows_appends_zero_rows_and_unpads():
     with pytest.raises(ValueError, match="more than the padded"):
         megatron_layout.pad_vocab_rows(padded, vpad - 1)
     for kind in (megatron_layout.Kind.EMBEDDING, megatron_layout.Kind.OUTPUT):
-        t = next(t for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE) if t.kind is kind)
+        t = next(t for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.MODULE)
+                 if t.kind is kind)
         state = orbax_to_universal._state_dict_for(t, padded, cfg)
         assert state["vocab_tensor"] is True and state["cat_dim"] == 0
         np.testing.assert_array_equal(state["param"], w)
@@ -218,7 +222,8 @@ def test_output_layer_transpose_keeps_padded_columns_zero():
     cfg = _config(25)
     t = next(t for t in megatron_layout.megatron_tensors(cfg, megatron_layout.NameScheme.PIPELINE)
              if t.kind is megatron_layout.Kind.OUTPUT)
-    w = megatron_layout.pad_vocab_rows(_random(np.random.default_rng(8), VOCAB, HIDDEN), cfg.padded_vocab_size)
+    w = megatron_layout.pad_vocab_rows(_random(np.random.default_rng(8), VOCAB, HIDDEN),
+                                       cfg.padded_vocab_size)
     head = megatron_layout.to_flax(t, w, cfg)[megatron_layout.LM_HEAD]
     np.testing.assert_array_equal(head, w.T)
     assert not head[:, VOCAB:].any() and head[:, :VOCAB].all()
@@ -254,8 +259,10 @@ def test_wide_universal_round_trip_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(params.read(megatron_layout.MLP_DOWN, 0),
                                   np.transpose(meg[pre + "mlp.dense_4h_to_h.weight"]))
     h_to_4h = meg[pre + "mlp.dense_h_to_4h.weight"]
-    np.testing.assert_array_equal(params.read(megatron_layout.MLP_GATE, 0), np.transpose(h_to_4h[:FFN]))
-    np.testing.assert_array_equal(params.read(megatron_layout.MLP_UP, 0), np.transpose(h_to_4h[FFN:]))
+    np.testing.assert_array_equal(params.read(megatron_layout.MLP_GATE, 0),
+                                  np.transpose(h_to_4h[:FFN]))
+    np.testing.assert_array_equal(params.read(megatron_layout.MLP_UP, 0),
+                                  np.transpose(h_to_4h[FFN:]))
     np.testing.assert_array_equal(
         adam.read(("nu",) + megatron_layout.ATTN_O, 0),
         np.transpose(moments[pre + "self_attention.dense.weight"][1]).reshape(40, 20, HIDDEN))
@@ -275,6 +282,7 @@ def test_wide_universal_round_trip_is_bit_exact(tmp_path):
     for name, w in meg.items():
         m, v = moments[name]
         for state, want in (("fp32", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            got = pt_archive.load(os.path.join(folder, universal.ZERO, name, f"{state}.pt"))["param"]
+            got = pt_archive.load(os.path.join(folder, universal.ZERO, name,
+                                               f"{state}.pt"))["param"]
             assert got.dtype == np.float32 and got.shape == want.shape, (name, state)
             np.testing.assert_array_equal(got, want, err_msg=f"{name}/{state}")

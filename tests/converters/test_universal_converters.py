@@ -133,7 +133,8 @@ def test_malicious_pickle_is_refused_naming_file_and_global(universal_root, tmp_
     step_path = os.path.join(root, f"global_step{ITERATION}_universal", "zero",
                              "language_model.output_layer.weight", "step.pt")
     _zip_pickle(step_path, b"\x80\x02cdeepspeed.runtime.zero\nZeroStageEnum\n)\x81.")
-    with pytest.raises(universal.UniversalCheckpointError, match="deepspeed.runtime.zero.ZeroStageEnum"):
+    with pytest.raises(universal.UniversalCheckpointError,
+                       match="deepspeed.runtime.zero.ZeroStageEnum"):
         universal.read_step_file(step_path)
 
 
