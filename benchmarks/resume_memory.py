@@ -46,6 +46,9 @@ records of the window with the RSS at each, and as the LAST line of stdout one J
     python benchmarks/resume_memory.py --devices 4        # the same state sharded over 4 devices
     python benchmarks/resume_memory.py --scale smoke --nowith_7b      # tiny model, ~15 s
     python benchmarks/resume_memory.py --model bench_125m # a bigger state at the demo's batch/seq
+
+Over 400 lines on purpose: one measurement and what it needs beside it (the memory readers, the
+sampler thread, the two runs, the 7B plan's XLA figure and the report), which nothing else uses.
 """
 
 from __future__ import annotations

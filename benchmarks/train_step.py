@@ -35,6 +35,10 @@ round, so a slow minute slows both sides of a ratio.
         --stack 'jax 0.11.2=.venv-py312-jax011/bin/python'   # both stacks beside torch
     python benchmarks/train_step.py --profile DIR   # XLA dump + jax.profiler trace of the default
                                                     # variant, and a breakdown of where time goes
+
+Over 400 lines on purpose: one benchmark whose three modes (the table, `--paired`, `--profile`)
+share the variants, the child-process protocol and the matmul ceilings; split, each part would
+reach into the others. It is run by hand and imported by nothing.
 """
 
 from __future__ import annotations
