@@ -282,6 +282,15 @@ def with_shape(name: str, **dims):
     return module
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="folder to create (must not exist)")
-    write_committed_fixture(parser.parse_args().out)
+    import sys
+
+    from absl import flags
+
+    from agpt_jax import cli
+
+    _, rest = cli.parse_args(flags.FlagValues(), None,
+                             __doc__ + "\nusage: universal_writer.py OUT (a folder to create)")
+    if len(rest) != 1:
+        print("error: pass one OUT folder (it must not exist)", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    write_committed_fixture(rest[0])
