@@ -248,8 +248,8 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
     only freed once jax's deferred release runs (at a garbage collection), and one restore of a
     whole item keeps every leaf's buffer at once (1.6-1.7x the item on the CPU client). Here
     each group of leaves (at most the largest leaf's bytes) is one partial restore, followed by
-    a collection; `place` then moves each restored leaf where the caller wants it (e.g. into
-    buffers it may donate) before the next group is read. Every process makes the same calls
+    a collection that frees its host buffers; `place` then moves each restored leaf where the
+    caller wants it (e.g. into buffers it may donate) before the next group is read. Every process makes the same calls
     in the same order (each restore is collective).
 
     Args:
@@ -289,6 +289,7 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub),
                     partial_restore=True)
             out = ckptr.restore(directory, args=ocp.args.Composite(**args))
+            gc.collect(0)  # frees the group's host buffers: jax releases them at any collection
             for item, entries in by_item.items():
                 for path, _ in entries:
                     node = out[item]
@@ -298,7 +299,6 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     restored[(item, path)] = leaf if place is None else place(leaf)
                     del leaf
             del out, node
-            gc.collect(0)  # frees the group's host buffers: jax releases them at any collection
     result = {}
     for item, treedef in treedefs.items():
         result[item] = jax.tree_util.tree_unflatten(
