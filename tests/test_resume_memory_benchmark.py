@@ -27,7 +27,7 @@ def test_resume_memory_benchmark_smoke(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]]
                                                        if env.get("PYTHONPATH") else []))
     out = subprocess.run([sys.executable, str(BENCH), "--scale", "smoke", "--iters", "1",
-                          "--nowith_7b", "--workdir", str(tmp_path)],
+                          "--resumes", "2", "--nowith_7b", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])  # the LAST line is the JSON object
@@ -39,6 +39,8 @@ def test_resume_memory_benchmark_smoke(tmp_path):
     assert r["counter_bytes"] == 16
     assert r["state_bytes"] == 12 * n + 16
     assert r["peak_over_state"] == r["peak_rss_bytes"] / r["state_bytes"]
+    # Two resumes of the same step; the reported one is the lower median of the two.
+    assert r["resumes"] == 2 and min(r["peak_over_state_of_each"]) == r["peak_over_state"]
     assert r["peak_source"] in ("VmHWM", "sampled")
     assert r["peak_rss_bytes"] == (r["hwm_peak_rss_bytes"] if r["peak_source"] == "VmHWM"
                                    else r["sampled_peak_rss_bytes"])
