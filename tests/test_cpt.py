@@ -370,6 +370,12 @@ def _run_two_processes(args: list[str]) -> tuple[list[int], list[str]]:
     return [p.returncode for p in procs], errs
 
 
+def _last_words(err: str) -> str:
+    """A failed process's stderr without the extension-module list a fatal signal appends."""
+    return "\n".join(line for line in err.splitlines()
+                     if not line.startswith("Extension modules:"))[-2000:]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(data, pretrained, tmp_path):
     # The same run as the `pretrained` fixture (1 process x 8 devices), as 2 processes x 4.
@@ -382,12 +388,14 @@ def test_two_processes_match_one(data, pretrained, tmp_path):
         codes, errs = _run_two_processes(args)
         # XLA's CPU client gives gloo 30 s (not configurable) for every device of the job to join a
         # new collective. Two processes of 4 devices on the 2-core test machine under a parallel
-        # test load have missed that once in ~20 runs: both fail with this message before any
-        # value is compared. That is the machine, not the run; one retry, never more.
-        if attempt == 0 and codes == [1, 1] and all(_GLOO_JOIN_TIMEOUT in e for e in errs):
+        # test load have missed that once in ~20 runs: one or both fail with this message before
+        # any value is compared (the other may instead be aborted by jax when its peer leaves,
+        # SIGABRT, as tests/faults/test_dead_peer.py shows). That is the machine, not the run;
+        # one retry, never more.
+        if attempt == 0 and codes != [0, 0] and any(_GLOO_JOIN_TIMEOUT in e for e in errs):
             continue
         break
-    assert codes == [0, 0], [e[-2000:] for e in errs]
+    assert codes == [0, 0], [_last_words(e) for e in errs]
     one = read_metrics(os.path.join(single, "metrics.jsonl"))
     two = read_metrics(os.path.join(double, "metrics.jsonl"))
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two]
