@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from agpt_jax import runtime
+from agpt_jax import cli, runtime
 
 _MODEL = flags.DEFINE_string("model", "agpt_7b", "model preset (agpt_jax.model.PRESETS)")
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "mesh sizes, e.g. data=3,fsdp=4,tensor=1")
@@ -186,7 +186,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}; pass flags only",
               file=sys.stderr)
-        return runtime.EXIT_USAGE
+        return cli.EXIT_USAGE
     try:
         mesh_cfg, devices, note = _mesh_from_flags(_DEVICES.value)
         runtime.initialize("cpu", num_cpu_devices=devices)
@@ -197,21 +197,21 @@ def main(argv: Sequence[str]) -> int:
                          device_memory_gb=_BUDGET.value, target=_TARGET.value)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return runtime.EXIT_USAGE
+        return cli.EXIT_USAGE
     except RuntimeError as e:  # XLA could not compile the step (e.g. out of host memory)
         text = str(e).strip().splitlines()
         print(f"error: compiling the step failed: {text[0] if text else type(e).__name__}",
               file=sys.stderr)
-        return runtime.EXIT_FAILED
+        return cli.EXIT_FAILED
     plan = dataclasses.replace(plan, mesh_note=note)
     if _JSON.value:
         print(json.dumps(dataclasses.asdict(plan)))
     else:
         print(format_plan(plan))
     # Not fitting the budget is the check the user asked for failing: 1, after the full table.
-    return 0 if plan.fits else runtime.EXIT_FAILED
+    return 0 if plan.fits else cli.EXIT_FAILED
 
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=runtime.parse_flags_exit_usage)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags_exit_usage)

@@ -29,6 +29,8 @@ from typing import Callable
 
 from absl import logging
 
+from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE
+
 
 # tensorstore's message for a failed file write (disk full, quota, size limit).
 _WRITE_FAILED = re.compile(r"Error writing|Failed to write")
@@ -140,19 +142,18 @@ def write_atomically(dst: str, write: Callable[[str], None]) -> None:
         raise
 
 
-# Exit codes of the converters: 0 done, 1 failed while converting, 2 bad input.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# Exit codes (agpt_jax.cli): 0 done, EXIT_FAILED while converting, EXIT_USAGE bad input.
 
 
 def exit_code_of(e: BaseException) -> int:
     """EXIT_FAILED for a failure while converting (a failed write, an I/O error, an interrupt),
-    EXIT_BAD_INPUT for an input the user must fix (any other ValueError or OSError: a missing,
+    EXIT_USAGE for an input the user must fix (any other ValueError or OSError: a missing,
     unreadable or malformed file, an existing destination)."""
     if isinstance(e, WriteFailedError) or isinstance(e, KeyboardInterrupt):
         return EXIT_FAILED
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
         return EXIT_FAILED
-    return EXIT_BAD_INPUT
+    return EXIT_USAGE
 
 
 def return_freed_memory() -> None:
@@ -188,4 +189,4 @@ def run_cli(body: Callable[[], None], debug: bool) -> int:
     except KeyboardInterrupt as e:
         print("error: interrupted; nothing was written at --save", file=sys.stderr)
         return exit_code_of(e)
-    return EXIT_OK
+    return 0

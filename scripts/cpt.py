@@ -36,6 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from agpt_jax import hostmem, megatron_flags
+from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<recipe>.py:<agpt_7b|demo|smoke>", lock_config=True)
@@ -57,10 +58,6 @@ _WORLD_SIZE = flags.DEFINE_integer(
     "NGPUS, NHOSTS x NGPU_PER_HOST, the hosts of PBS_NODEFILE x NGPU_PER_HOST, else this machine's")
 _MEGATRON = megatron_flags.define()
 
-# Exit codes (the same for every command-line tool of agpt-jax).
-EXIT_FAILURE, EXIT_USAGE = 1, 2
-
-
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"cpt.py: error: {message}", file=sys.stderr, flush=True)
     if _DEBUG.value:
@@ -72,7 +69,7 @@ def _collective_failed(e: Exception) -> int:
     why = ("another process did not join in time (it was too slow or died)"
            if "DEADLINE_EXCEEDED" in str(e) else "another process of the job probably died")
     return _fail(f"a collective with the other processes failed ({str(e)[:300]}); {why}",
-                 code=EXIT_FAILURE)
+                 code=EXIT_FAILED)
 
 
 def _rt_started(runtime) -> bool:
@@ -173,7 +170,7 @@ def _main() -> int:
             traceback.print_exc()
         return EXIT_USAGE
     except CheckpointWriteError as e:  # disk full or I/O error while saving: a run failure
-        return _fail(str(e), code=EXIT_FAILURE)
+        return _fail(str(e), code=EXIT_FAILED)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         # megatron_flags.FlagError is a ValueError. jax 0.11 reports a collective that lost its
         # peer (Gloo) as a plain ValueError: in a job of several processes that is a failure of
@@ -183,7 +180,7 @@ def _main() -> int:
             return _collective_failed(e)
         return _fail(str(e))
     except loop.NonFiniteError as e:
-        return _fail(str(e), code=EXIT_FAILURE)
+        return _fail(str(e), code=EXIT_FAILED)
     except RuntimeError as e:
         if _rt_started(runtime) and runtime._runtime.process_count > 1:
             return _collective_failed(e)

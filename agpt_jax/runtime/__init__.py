@@ -20,8 +20,7 @@ Modules, one job each (a module imports only those above it in this list):
   (:func:`platform_of_backend`, :func:`plugin_for_backend`);
 - :mod:`agpt_jax.runtime.platform`: :class:`Runtime`, :func:`initialize` and the platform
   work-arounds (:func:`apply_cpu_xla_flags`, ...);
-- :mod:`agpt_jax.runtime.check`: the environment check (and, from :mod:`agpt_jax.cli`, the command
-  lines' exit codes and flag parser).
+- :mod:`agpt_jax.runtime.check`: the environment check.
 
 This module re-exports their names, so ``from agpt_jax import runtime; runtime.initialize()``
 and ``from agpt_jax.runtime import MeshConfig`` keep working. ``runtime._runtime`` (None until
@@ -49,8 +48,6 @@ from agpt_jax.runtime.capabilities import (
     plugin_for_backend,
 )
 from agpt_jax.runtime.check import (
-    EXIT_FAILED,
-    EXIT_USAGE,
     CheckResult,
     attention_probe_hlo,
     check_all_reduce,
@@ -59,7 +56,6 @@ from agpt_jax.runtime.check import (
     format_report,
     fused_attention_targets,
     package_versions,
-    parse_flags_exit_usage,
     run_checks,
 )
 from agpt_jax.runtime.launch import (
@@ -81,12 +77,12 @@ from agpt_jax.runtime.platform import (
 )
 
 __all__ = [
-    "CPU_XLA_FLAGS", "DEFAULT_DEVICES_PER_HOST", "EXIT_FAILED", "EXIT_USAGE", "MESH_AXES",
+    "CPU_XLA_FLAGS", "DEFAULT_DEVICES_PER_HOST", "MESH_AXES",
     "PLATFORMS", "TARGET_PLATFORMS", "Capabilities", "CheckResult", "DistributedConfig",
     "MeshConfig", "Runtime", "apply_cpu_xla_flags", "attention_probe_hlo", "capabilities_for",
     "check_all_reduce", "check_fused_attention", "check_report", "current_runtime",
     "distributed_from_env", "format_report", "fused_attention_targets", "initialize", "make_mesh",
-    "package_versions", "parse_flags_exit_usage", "parse_mesh", "platform_of_backend",
+    "package_versions", "parse_mesh", "platform_of_backend",
     "plugin_for_backend", "run_checks", "target_world_size",
 ]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from agpt_jax.runtime.check import _main, parse_flags_exit_usage
+from agpt_jax.cli import parse_flags_exit_usage
+from agpt_jax.runtime.check import _main
 from agpt_jax.runtime.platform import PLATFORMS
 
 if __name__ == "__main__":

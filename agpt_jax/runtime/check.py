@@ -2,11 +2,10 @@
 
 One job: on a new node, print versions, platform, devices and work-arounds, run an all-reduce
 across every device (and, on XPU, probe XLA's fused attention), and exit 1 if anything fails
-(:func:`run_checks`, :func:`check_report`, :func:`format_report`, :func:`_main`). It re-exports
-the exit codes and the absl flag parser the command lines share (:data:`EXIT_FAILED`,
-:data:`EXIT_USAGE`, :func:`parse_flags_exit_usage`), which live in the jax-free
-:mod:`agpt_jax.cli`. The flags of ``--check`` are defined in ``agpt_jax/runtime/__main__.py``, so
-that importing this module defines none.
+(:func:`run_checks`, :func:`check_report`, :func:`format_report`, :func:`_main`). The exit
+codes and the flag parser are the command lines' shared ones (:mod:`agpt_jax.cli`). The flags of
+``--check`` are defined in ``agpt_jax/runtime/__main__.py``, so that importing this module
+defines none.
 
 Imports: jax, numpy, absl, agpt_jax.cli / compat / xpu and the other runtime modules
 (:mod:`~agpt_jax.runtime.mesh`, :mod:`~agpt_jax.runtime.launch`,
@@ -31,8 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from agpt_jax import compat, xpu
-# Re-exported: the runtime's names of the command lines' exit codes and flag parser.
-from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE, parse_flags_exit_usage  # noqa: F401
+from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE
 from agpt_jax.runtime.launch import DistributedConfig
 from agpt_jax.runtime.mesh import MESH_AXES, MeshConfig, make_mesh
 from agpt_jax.runtime.platform import Runtime, initialize
