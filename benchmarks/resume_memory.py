@@ -345,7 +345,7 @@ def measure() -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _return_freed_memory() -> None:
+def _trim_heap() -> None:
     """Gives the heap memory glibc keeps after frees back to the kernel (malloc_trim), so that
     what the resume reuses of it is faulted in again and shows in RSS."""
     import ctypes
@@ -359,7 +359,7 @@ def _return_freed_memory() -> None:
 def _resume_once(loop, cfg, rt, state: int) -> dict[str, Any]:
     """One resuming `loop.run` of `cfg` (from the newest checkpoint, one iteration), measured."""
     gc.collect()
-    _return_freed_memory()
+    _trim_heap()
     sampler = Sampler(_SAMPLE_MS.value / 1000, keep=bool(_TRACE.value))
     handler = WindowHandler(sampler)
     root = pylogging.getLogger()

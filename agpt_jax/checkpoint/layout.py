@@ -220,9 +220,7 @@ def _check_leaves(directory: str, item: str, wanted: set[LeafPath]) -> None:
     from etils import epath
 
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(_item_dir(directory, item)))
-    tree = meta.tree if hasattr(meta, "tree") else meta
-    stored = {tuple(str(getattr(k, "key", k)) for k in path)
-              for path, _ in _flatten_with_path(tree)}
+    stored = {path for path, _ in _leaves_by_path(meta.tree if hasattr(meta, "tree") else meta)}
     missing, extra = sorted(wanted - stored), sorted(stored - wanted)
     if missing or extra:
         names = lambda paths: ", ".join(".".join(p) for p in paths[:4]) + (
@@ -233,10 +231,12 @@ def _check_leaves(directory: str, item: str, wanted: set[LeafPath]) -> None:
             "load a checkpoint of the same model config")
 
 
-def _flatten_with_path(tree: PyTree) -> list[tuple[tuple[Any, ...], Any]]:
+def _leaves_by_path(tree: PyTree) -> list[tuple[LeafPath, Any]]:
+    """(dict keys from the root, leaf) for every leaf of a tree of nested dicts, in jax's order."""
     import jax
 
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(str(k.key) for k in path), leaf) for path, leaf in flat]
 
 
 def restore_arrays(directory: str, targets: dict[str, PyTree],
@@ -249,8 +249,8 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
     whole item keeps every leaf's buffer at once (1.6-1.7x the item on the CPU client). Here
     each group of leaves (at most the largest leaf's bytes) is one partial restore, followed by
     a collection that frees its host buffers; `place` then moves each restored leaf where the
-    caller wants it (e.g. into buffers it may donate) before the next group is read. Every process makes the same calls
-    in the same order (each restore is collective).
+    caller wants it (e.g. into buffers it may donate) before the next group is read. Every
+    process makes the same calls in the same order (each restore is collective).
 
     Args:
         directory: a checkpoint directory or run root (see `resolve_checkpoint_dir`), or a step.
@@ -270,12 +270,11 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
     import orbax.checkpoint as ocp
 
     directory = resolve_checkpoint_dir(directory)
-    leaves, treedefs = [], {}
+    leaves = []
     for item, target in targets.items():
-        flat, treedefs[item] = jax.tree_util.tree_flatten_with_path(target)
-        paths = [tuple(str(k.key) for k in path) for path, _ in flat]
-        _check_leaves(directory, item, set(paths))
-        leaves += [(item, path, leaf) for path, (_, leaf) in zip(paths, flat)]
+        by_path = _leaves_by_path(target)
+        _check_leaves(directory, item, {path for path, _ in by_path})
+        leaves += [(item, path, leaf) for path, leaf in by_path]
     restored: dict[tuple[str, LeafPath], Any] = {}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         for group in _leaf_groups(leaves):
@@ -299,11 +298,10 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     restored[(item, path)] = leaf if place is None else place(leaf)
                     del leaf
             del out, node
-    result = {}
-    for item, treedef in treedefs.items():
-        result[item] = jax.tree_util.tree_unflatten(
-            treedef, [restored.pop((i, p)) for i, p, _ in leaves if i == item])
-    return result
+    return {item: jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(target),
+                [restored.pop((i, p)) for i, p, _ in leaves if i == item])
+            for item, target in targets.items()}
 
 
 def restore_params(directory: str, target: PyTree | None = None) -> PyTree:
