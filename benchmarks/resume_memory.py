@@ -345,21 +345,12 @@ def measure() -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _trim_heap() -> None:
-    """Gives the heap memory glibc keeps after frees back to the kernel (malloc_trim), so that
-    what the resume reuses of it is faulted in again and shows in RSS."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure keeps the warm allocator's reuse
-        pass
-
-
 def _resume_once(loop, cfg, rt, state: int) -> dict[str, Any]:
     """One resuming `loop.run` of `cfg` (from the newest checkpoint, one iteration), measured."""
     gc.collect()
-    _trim_heap()
+    # What the first run freed goes back to the kernel, so that what the resume reuses of it is
+    # faulted in again and shows in RSS.
+    hostmem.release_free_heap()
     sampler = Sampler(_SAMPLE_MS.value / 1000, keep=bool(_TRACE.value))
     handler = WindowHandler(sampler)
     root = pylogging.getLogger()

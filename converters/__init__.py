@@ -29,6 +29,7 @@ from typing import Callable
 
 from absl import logging
 
+from agpt_jax import hostmem
 from agpt_jax.cli import EXIT_FAILED, EXIT_USAGE
 
 
@@ -156,29 +157,10 @@ def exit_code_of(e: BaseException) -> int:
     return EXIT_USAGE
 
 
-def return_freed_memory() -> None:
-    """Make glibc give freed blocks of 1 MiB and more back to the OS at once (a fixed
-    M_MMAP_THRESHOLD). By default glibc raises the threshold to the size of each large block it
-    frees, after which blocks of tens of MiB come from the heap and stay in RSS when freed: a
-    conversion, which allocates and frees one tensor after another, then measured 1.49 instead of
-    1.18 GB of peak RSS (0.3B model, ZeRO DP = 64). Only the converters' command lines call this;
-    a conversion inside a training process leaves that process's allocator as it is."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def run_cli(body: Callable[[], None], debug: bool) -> int:
     """Run a converter body; an error becomes one line on stderr and its exit code (exit_code_of):
     2 for bad input, 1 for a failure while writing or an interrupt."""
-    return_freed_memory()
+    hostmem.fix_mmap_threshold()  # each tensor's memory goes back as soon as it is freed
     try:
         body()
     except (ValueError, OSError) as e:
