@@ -19,9 +19,11 @@ figure stays comparable whatever loop.run does inside:
    iterations A..B of N" (after the state is restored and before the first step): a logging
    handler reads the sampled peak and VmHWM when that record is emitted.
    Baseline = RSS right before the second loop.run. peak_rss_bytes = the peak RSS in the window
-   minus the baseline: the INCREASE, not the process's total. It is the kernel's VmHWM (exact,
-   nothing between samples is missed) where clear_refs works, else the sampled peak
-   (`peak_source` says which; both are printed). state_bytes = the byte size of the state as
+   minus the baseline: the INCREASE, not the process's total. It is the larger of the kernel's
+   VmHWM (where clear_refs works) and the sampled peak (`peak_source` says which; both are
+   printed): the kernel's mark sees what falls between samples, but the kernel keeps RSS in
+   per-CPU counters and its mark can lag what statm reads by a few dozen pages (a sample 200 KB
+   above it was seen at smoke scale, once the restore's trims made RSS fall and rise again). state_bytes = the byte size of the state as
    restored, from the model config: the leaves of jax.eval_shape of the params (1x) and of the
    optimizer's init on them (mu, nu: 2x; plus the clip/Adam/LR counters) and the step counter, at
    their dtypes. peak_over_state = peak_rss_bytes / state_bytes. On CPU every simulated device's
@@ -378,12 +380,12 @@ def _resume_once(loop, cfg, rt, state: int) -> dict[str, Any]:
                            "the window has no end")
     sampled = mark["sampled_peak"] - baseline
     hwm = mark["hwm"] - baseline if hwm_ok and mark["hwm"] is not None else None
-    peak = hwm if hwm is not None else sampled
+    peak = max(sampled, hwm if hwm is not None else sampled)
     return {
         "peak_rss_bytes": int(peak),
         "peak_rss_is": "increase over baseline_rss_bytes, in the window from entering the "
                        "resuming loop.run to its 'training iterations' log line",
-        "peak_source": "VmHWM" if hwm is not None else "sampled",
+        "peak_source": "VmHWM" if hwm is not None and hwm >= sampled else "sampled",
         "sampled_peak_rss_bytes": int(sampled),
         "hwm_peak_rss_bytes": None if hwm is None else int(hwm),
         "state_bytes": int(state),

@@ -41,12 +41,11 @@ def test_resume_memory_benchmark_smoke(tmp_path):
     assert r["peak_over_state"] == r["peak_rss_bytes"] / r["state_bytes"]
     # Two resumes of the same step; the reported one is the lower median of the two.
     assert r["resumes"] == 2 and min(r["peak_over_state_of_each"]) == r["peak_over_state"]
-    assert r["peak_source"] in ("VmHWM", "sampled")
-    assert r["peak_rss_bytes"] == (r["hwm_peak_rss_bytes"] if r["peak_source"] == "VmHWM"
-                                   else r["sampled_peak_rss_bytes"])
+    # The peak is the larger of the two readings; either can miss what the other saw.
+    readings = {"sampled": r["sampled_peak_rss_bytes"], "VmHWM": r["hwm_peak_rss_bytes"]}
+    seen = {k: v for k, v in readings.items() if v is not None}
+    assert r["peak_rss_bytes"] == max(seen.values()) == seen[r["peak_source"]]
     assert r["peak_rss_bytes"] >= 0 and r["baseline_rss_bytes"] > 0
-    if r["hwm_peak_rss_bytes"] is not None:  # the kernel's mark misses nothing the samples saw
-        assert r["hwm_peak_rss_bytes"] >= r["sampled_peak_rss_bytes"]
     assert 0 < r["window_s"] <= r["resume_run_s"] and r["samples"] >= 1
     assert r["events"][-1][3].startswith("training iterations 2..2 of 2"), r["events"][-1]
     assert "xla_peak_over_state" not in r
