@@ -249,12 +249,12 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
     only freed once jax's deferred release runs (at a garbage collection), and one restore of a
     whole item keeps every leaf's buffer at once (1.6-1.7x the item on the CPU client). Here
     each group of leaves (at most the largest leaf's bytes) is one partial restore, followed by
-    a collection that frees its host buffers and a `hostmem.release_free_heap` that gives them
-    back to the kernel (glibc would otherwise keep them resident in free chunks the next
-    group's differently sized buffers do not fit: 0.2 of the state at 125M, 0.7 at demo
-    scale); `place` then moves each restored leaf where the caller wants it (e.g. into buffers
-    it may donate) before the next group is read. Every process makes the same calls in the
-    same order (each restore is collective).
+    a collection that frees its host buffers; `place` then moves each restored leaf where the
+    caller wants it (e.g. into buffers it may donate), the restored leaves are dropped, and
+    `hostmem.release_free_heap` gives what the group freed back to the kernel before the next
+    group is read (glibc would otherwise keep it resident in free chunks that the next group's
+    differently sized buffers do not fit: 0.2 of the state at 125M, 0.7 at demo scale). Every
+    process makes the same calls in the same order (each restore is collective).
 
     Args:
         directory: a checkpoint directory or run root (see `resolve_checkpoint_dir`), or a step.
@@ -293,7 +293,6 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     partial_restore=True)
             out = ckptr.restore(directory, args=ocp.args.Composite(**args))
             gc.collect(0)  # frees the group's host buffers: jax releases them at any collection
-            hostmem.release_free_heap()  # and gives them back, so the next group cannot add up
             for item, entries in by_item.items():
                 for path, _ in entries:
                     node = out[item]
@@ -303,6 +302,9 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     restored[(item, path)] = leaf if place is None else place(leaf)
                     del leaf
             del out, node
+            # The group's host buffers and restored leaves are free now; glibc would keep them
+            # resident in chunks the next group's buffers need not fit: give them back.
+            hostmem.release_free_heap()
     return {item: jax.tree_util.tree_unflatten(
                 jax.tree_util.tree_structure(target),
                 [restored.pop((i, p)) for i, p, _ in leaves if i == item])
