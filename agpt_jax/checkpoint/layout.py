@@ -188,11 +188,18 @@ def _item_dir(directory: str, item: str) -> str:
 
 
 def _leaf_groups(leaves: list[tuple[str, LeafPath, Any]]) -> list[list[tuple[str, LeafPath, Any]]]:
-    """`leaves` (item, path, ShapeDtypeStruct) in order, cut into runs of at most the largest
-    leaf's bytes (a leaf larger than that is never split: it is its own group)."""
+    """`leaves` (item, path, ShapeDtypeStruct), largest first (equal sizes in their given order),
+    cut into runs of at most the largest leaf's bytes.
+
+    Largest first because reading a group holds about three times its bytes for a moment (the
+    file's chunks, the host buffer, the restored leaf, the caller's copy) on top of every leaf
+    already restored: the big leaves come while little is held, and the last groups, read when
+    nearly the whole state is, hold the smallest leaves (fewer bytes where the leaves differ
+    much in size: at demo scale the median peak_over_state went from 1.28-1.37 to 1.14-1.25)."""
     def nbytes(leaf: Any) -> int:
         return int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
+    leaves = sorted(leaves, key=lambda entry: -nbytes(entry[2]))
     budget = max(nbytes(leaf) for _, _, leaf in leaves)
     groups: list[list[tuple[str, LeafPath, Any]]] = []
     size = budget + 1
@@ -293,14 +300,13 @@ def restore_arrays(directory: str, targets: dict[str, PyTree],
                     partial_restore=True)
             out = ckptr.restore(directory, args=ocp.args.Composite(**args))
             gc.collect(0)  # frees the group's host buffers: jax releases them at any collection
-            for item, entries in by_item.items():
-                for path, _ in entries:
-                    node = out[item]
-                    for key in path[:-1]:
-                        node = node[key]
-                    leaf = node.pop(path[-1])
-                    restored[(item, path)] = leaf if place is None else place(leaf)
-                    del leaf
+            for item, path, _ in group:
+                node = out[item]
+                for key in path[:-1]:
+                    node = node[key]
+                leaf = node.pop(path[-1])
+                restored[(item, path)] = leaf if place is None else place(leaf)
+                del leaf
             del out, node
             # The group's host buffers and restored leaves are free now; glibc would keep them
             # resident in chunks the next group's buffers need not fit: give them back.

@@ -126,6 +126,9 @@ def test_restore_arrays_a_few_leaves_at_a_time_equals_the_saved_tree(tmp_path):
         d, {"params": jax.tree.map(target, params), "adam": jax.tree.map(target, adam)},
         place=lambda a: placed.append(a.shape) or a * 1)
     assert len(placed) == len(jax.tree.leaves(params)) * 3 + 1  # params, mu, nu, count
+    # Largest first: the last groups, read when nearly the whole state is held, are the smallest.
+    sizes = [int(np.prod(shape)) for shape in placed]
+    assert sizes == sorted(sizes, reverse=True), placed
     for want, got in zip(jax.tree.leaves((params, adam)),
                          jax.tree.leaves((out["params"], out["adam"]))):
         np.testing.assert_array_equal(np.asarray(got), want)
