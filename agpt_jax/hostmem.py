@@ -37,7 +37,7 @@ import ctypes.util
 import functools
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 ENV_VAR = "AGPT_JAX_MALLOC"
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -115,11 +115,14 @@ def status() -> str:
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (has mallopt and malloc_trim), else None."""
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and libc.malloc_trim and libc.mallopt else None
-    except (OSError, AttributeError):  # not glibc
+    if not name:
         return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim, libc.mallopt  # AttributeError where the C library is not glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def release_free_heap() -> None:

@@ -23,10 +23,10 @@ figure stays comparable whatever loop.run does inside:
    VmHWM (where clear_refs works) and the sampled peak (`peak_source` says which; both are
    printed): the kernel's mark sees what falls between samples, but the kernel keeps RSS in
    per-CPU counters and its mark can lag what statm reads by a few dozen pages (a sample 200 KB
-   above it was seen at smoke scale, once the restore's trims made RSS fall and rise again). state_bytes = the byte size of the state as
-   restored, from the model config: the leaves of jax.eval_shape of the params (1x) and of the
-   optimizer's init on them (mu, nu: 2x; plus the clip/Adam/LR counters) and the step counter, at
-   their dtypes. peak_over_state = peak_rss_bytes / state_bytes. On CPU every simulated device's
+   above it was seen at smoke scale, once the restore's trims made RSS fall and rise again).
+   state_bytes = the byte size of the state as restored, from the model config: the leaves of
+   jax.eval_shape of the params (1x) and of the optimizer's init on them (mu, nu: 2x; plus the
+   clip/Adam/LR counters) and the step counter, at their dtypes. peak_over_state = peak_rss_bytes / state_bytes. On CPU every simulated device's
    shard lives in this one process, so the whole state counts, whatever `--devices`.
    The resume is repeated `--resumes` times (5), each restoring the same checkpoint (the step
    the previous one saved is removed first); the figures printed are those of the resume with
@@ -38,10 +38,12 @@ figure stays comparable whatever loop.run does inside:
    bytes per device. 15-45 s on 2 cores (compile 12-40 s); `--nowith_7b` skips it.
 
 What the figure can and cannot see: RSS counts pages touched and not yet returned, so memory the
-first run freed but glibc kept is reused without showing (the warm allocator of a long-lived
-process), and with transparent huge pages RSS moves in 2 MiB steps. At demo scale (a 14.45 MiB
-state) both make one resume's peak_over_state coarse (0.2 to 1.8 for the same code), hence the
-median of five; `--model bench_125m` (a 1.4 GiB state, ~1.5 min) gives a steadier figure. `--trace FILE` writes every sample and log record.
+first run freed but glibc kept would be reused without showing (the warm allocator of a
+long-lived process: 0.2 to 1.8 for the same code at demo scale), which is why each resume starts
+after `hostmem.release_free_heap()`; and with transparent huge pages RSS moves in 2 MiB steps, so
+at demo scale (a 14.45 MiB state) single resumes still spread by about +-0.15, hence the median
+of five. `--model bench_125m` (a 1.4 GiB state, ~1.5 min) gives a steadier figure. `--trace FILE`
+writes every sample and log record.
 
 The process starts with the huge-page malloc tunable, as scripts/cpt.py does (agpt_jax/hostmem.py;
 AGPT_JAX_MALLOC=system for glibc's defaults). Printed: a table (quantity, bytes, MiB), the log
