@@ -61,6 +61,16 @@ DISTRIBUTED_HEARTBEAT_IS_PUBLIC: bool = (
     "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters)
 
 
+#: Whether the CPU client can create one collective communicator twice. At jax 0.5.0 XLA creates
+#: a communicator (a gloo context) lazily, outside its lock, on the first collective of a device
+#: group (xla/backends/cpu/collectives/cpu_cliques.cc). A second program that reaches a
+#: collective on the same group before the first creation has finished creates it again, and
+#: registers the same gloo key once more: "Config key cpu:gloo/... already exists", or a hang. jax
+#: 0.11.2's XLA creates each communicator once (absl::call_once). agpt_jax.runtime creates the
+#: communicators at start-up where this is true.
+CPU_COMMUNICATORS_CAN_BE_CREATED_TWICE: bool = JAX_VERSION < (0, 11)
+
+
 def _version_tuple(distribution: str) -> tuple[int, ...]:
     import importlib.metadata
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 
+from agpt_jax import compat
 from agpt_jax import config as config_lib
 from agpt_jax import checkpoint
 from agpt_jax import loop, run_files, runtime
@@ -351,29 +353,46 @@ def _free_port() -> int:
 _GLOO_JOIN_TIMEOUT = "Gloo context initialization failed: DEADLINE_EXCEEDED"
 
 
-def _run_two_processes(args: list[str]) -> tuple[list[int], list[str]]:
-    """Runs the smoke pretrain as 2 processes x 4 CPU devices; (exit codes, stderr texts)."""
+def _run_two_processes(args: list[str], logs: pathlib.Path,
+                       env: dict[str, str] | None = None) -> tuple[list[int], list[str]]:
+    """Runs the smoke pretrain as 2 processes x 4 CPU devices; (exit codes, stderr texts).
+
+    Their output goes to files under `logs`: a pipe read after the other process's would stall a
+    process whose log outgrows the pipe while its peer waits for it in a collective.
+    """
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, CPT, "--config", "configs/pretrain.py:smoke",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-         *args], cwd=ROOT, env=_child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
-    errs = []
+    logs.mkdir(parents=True, exist_ok=True)
+    names = [logs / f"process{i}.stderr" for i in range(2)]
+    procs = []
+    for i, name in enumerate(names):
+        with open(logs / f"process{i}.stdout", "w") as out, open(name, "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, CPT, "--config", "configs/pretrain.py:smoke",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}", *args], cwd=ROOT, env={**_child_env(4), **(env or {})},
+                stdout=out, stderr=err, text=True))
     try:
         for p in procs:
-            errs.append(p.communicate(timeout=300)[1])
+            p.wait(timeout=300)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [p.returncode for p in procs], errs
+    return [p.returncode for p in procs], [name.read_text() for name in names]
+
+
+#: XLA's CPU client logs each collective communicator it creates (TF_CPP_VMODULE=cpu_cliques=3):
+#: the device group and the rank of this process's device in it.
+_COMMUNICATOR_CREATED = re.compile(
+    r"Create a new communicator for clique key devices=\[([^\]]*)\] and rank (\d+)")
+_LOG_COMMUNICATORS = {"TF_CPP_VMODULE": "cpu_cliques=3", "TF_CPP_MIN_LOG_LEVEL": "0"}
 
 
 def _last_words(err: str) -> str:
     """A failed process's stderr without the extension-module list a fatal signal appends."""
     return "\n".join(line for line in err.splitlines()
-                     if not line.startswith("Extension modules:"))[-2000:]
+                     if not line.startswith("Extension modules:")
+                     and "cpu_cliques.cc" not in line)[-6000:]
 
 
 @pytest.mark.slow
@@ -385,7 +404,7 @@ def test_two_processes_match_one(data, pretrained, tmp_path):
             "--config.train_iters=6", "--config.progress_bar=False"]
     for attempt in range(2):
         shutil.rmtree(double, ignore_errors=True)
-        codes, errs = _run_two_processes(args)
+        codes, errs = _run_two_processes(args, tmp_path / f"logs{attempt}", _LOG_COMMUNICATORS)
         # XLA's CPU client gives gloo 30 s (not configurable) for every device of the job to join a
         # new collective. Two processes of 4 devices on the 2-core test machine under a parallel
         # test load have missed that once in ~20 runs: one or both fail with this message before
@@ -395,7 +414,21 @@ def test_two_processes_match_one(data, pretrained, tmp_path):
         if attempt == 0 and codes != [0, 0] and any(_GLOO_JOIN_TIMEOUT in e for e in errs):
             continue
         break
-    assert codes == [0, 0], [_last_words(e) for e in errs]
+    if codes != [0, 0]:
+        # pytest.fail, not an assert: pytest shortens an assert's message to a few hundred
+        # characters, which hides the line that says why a process failed.
+        pytest.fail(f"exit codes {codes}\n" + "\n".join(
+            f"--- process {i} stderr (end) ---\n{_last_words(e)}" for i, e in enumerate(errs)))
+    for i, err in enumerate(errs):
+        created = _COMMUNICATOR_CREATED.findall(err)
+        assert created, f"process {i} logged no communicator (TF_CPP_VMODULE had no effect?)"
+        twice = sorted({c for c in created if created.count(c) > 1})
+        assert not twice, f"process {i} created these communicators twice: {twice}"
+        if compat.CPU_COMMUNICATORS_CAN_BE_CREATED_TWICE:
+            # The runtime creates them before it reports itself, and this run (fsdp over all
+            # 8 devices) uses no other device group: nothing is left to create lazily.
+            start_up = _COMMUNICATOR_CREATED.findall(err[:err.index("runtime: platform=")])
+            assert sorted(start_up) == sorted(created), (i, start_up, created)
     one = read_metrics(os.path.join(single, "metrics.jsonl"))
     two = read_metrics(os.path.join(double, "metrics.jsonl"))
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two]

@@ -146,6 +146,32 @@ def _distributed_started() -> bool:
     return distributed.global_state.client is not None
 
 
+def _create_cpu_communicators() -> None:
+    """Creates the CPU communicators of jax's multi-process helpers, all in one waited-for program.
+
+    ``multihost_utils`` (and Orbax's barriers through it) reduce over the ``processes`` axis of a
+    (processes, local devices) mesh and gather over all devices in ``jax.devices()`` order (that
+    of every CPU mesh ``make_mesh`` builds). A call returns once device 0 is done, so two calls
+    in a row can both be creating another device's communicator: at jax 0.5.0 that creates it
+    twice (``compat.CPU_COMMUNICATORS_CAN_BE_CREATED_TWICE``). Made here, later calls find them.
+    """
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    axes = ("processes", "local_devices")
+    local = jax.local_device_count()
+    mesh = Mesh(np.array(jax.devices()).reshape(jax.process_count(), local), axes)
+    spec = PartitionSpec(*axes)
+    ones = jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
+                                                  np.ones((1, local), np.int32))
+    both = jax.jit(compat.shard_map(lambda x: (jax.lax.psum(x, axes[0]), jax.lax.psum(x, axes)),
+                                    mesh, in_specs=spec, out_specs=(spec, spec), check=False))
+    got = tuple(int(a.addressable_data(0)[0, 0]) for a in jax.block_until_ready(both(ones)))
+    if got != (jax.process_count(), jax.device_count()):
+        raise RuntimeError(f"the cpu collectives' start-up reduction gave {got}, expected "
+                           f"({jax.process_count()}, {jax.device_count()})")
+
+
 def _enable_sycl_donation(jax_platform: str = "sycl") -> str | None:
     """Lets jax donate buffers on the ``sycl`` platform (spec/jax-stack.md section 3, item 1).
 
@@ -311,6 +337,10 @@ def initialize(
     if jax_platform == "cpu" and jax.process_count() > 1:
         workarounds.append("cpu collectives: gloo (set in code; the environment variable is "
                            "ignored at jax 0.5.0)")
+        if compat.CPU_COMMUNICATORS_CAN_BE_CREATED_TWICE:
+            _create_cpu_communicators()
+            workarounds.append("cpu collectives: multihost_utils' communicators created at "
+                               "start-up (jax 0.5.0 can create one twice, racing)")
 
     local = jax.local_devices()
     _runtime = Runtime(
