@@ -85,21 +85,31 @@ ORBAX_ITEM_METADATA_EXTRA: dict[str, Any] = (
     {"use_ocdbt": True} if _version_tuple("orbax-checkpoint") >= (0, 12) else {})
 
 
-def quiet_closed_event_loop(default: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A ``sys.unraisablehook`` that drops one known, harmless report and passes the rest on.
+def quiet_known_unraisables(default: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops two known, harmless reports and passes the rest on.
 
-    With orbax-checkpoint 0.12 on Python 3.12, a background checkpoint write that fails (a full
-    disk) can leave a callback that posts to the write's asyncio loop after that loop closed:
-    Python prints "Exception ignored ... RuntimeError: Event loop is closed" with a traceback
-    after the run's one error line. Nothing can receive that callback any more. The hook drops
-    exactly that report (logged at debug level); every other one goes to ``default``.
+    Both come from orbax-checkpoint 0.12 on Python 3.12, after an error that the run has already
+    reported in one line; Python would print each with a traceback:
+
+    - a background checkpoint write that fails (a full disk) can leave a callback that posts to
+      the write's asyncio loop after that loop closed: "RuntimeError: Event loop is closed";
+    - a restore that fails on one array (a damaged step, which the run skips) abandons its other
+      reads, and each read coroutine raises again while it is being closed: an exception caused
+      by ``GeneratorExit`` in a coroutine (about 400 lines for the smoke model).
+
+    Nothing can receive either any more. The hook drops exactly those (logged at debug level);
+    every other report goes to ``default``.
     """
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        abandoned = inspect.iscoroutine(unraisable.object) and isinstance(
+            exc.__cause__ or exc.__context__, GeneratorExit)
+        if closed_loop or abandoned:
             from absl import logging
 
-            logging.debug("ignored a callback to a closed event loop (%s)", unraisable.object)
+            logging.debug("ignored %s (%s)", "a callback to a closed event loop" if closed_loop
+                          else "an abandoned read's error", unraisable.object)
             return
         default(unraisable)
     return hook

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     del argv
     from agpt_jax import compat
 
-    sys.unraisablehook = compat.quiet_closed_event_loop(sys.unraisablehook)
+    sys.unraisablehook = compat.quiet_known_unraisables(sys.unraisablehook)
     code = _main()
     from agpt_jax import runtime
 
